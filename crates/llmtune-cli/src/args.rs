@@ -1,0 +1,61 @@
+//! Argument helpers shared by the subcommands.
+
+use candle_core::{DType, Device};
+
+/// Parses booleans the way HF's argument parser does: `true/false`, `True/False`, `1/0`,
+/// `yes/no` (case-insensitive). Used with `num_args = 0..=1` so a bare `--flag` means true.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "y" | "t" => Ok(true),
+        "false" | "0" | "no" | "n" | "f" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true/false)")),
+    }
+}
+
+/// `--model_name_or_path` value, defaulting to the embedded model with a notice.
+pub fn model_or_default(m: &Option<String>) -> String {
+    match m {
+        Some(m) => m.clone(),
+        None => {
+            let d = llmtune_models::hub::DEFAULT_MODEL;
+            eprintln!("llmtune: --model_name_or_path not given; using the embedded default {d}");
+            d.to_string()
+        }
+    }
+}
+
+/// The device to run on: CUDA when built with it and available, else CPU.
+pub fn device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = Device::new_cuda(0) {
+            return Ok(d);
+        }
+    }
+    Ok(Device::Cpu)
+}
+
+/// f32 on CPU; bf16 on GPU unless asked otherwise.
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bools_like_hf() {
+        for t in ["true", "True", "1", "yes"] {
+            assert_eq!(parse_bool(t), Ok(true));
+        }
+        for f in ["false", "False", "0", "no"] {
+            assert_eq!(parse_bool(f), Ok(false));
+        }
+        assert!(parse_bool("maybe").unwrap_err().contains("not a boolean"));
+    }
+}

@@ -1,0 +1,3 @@
+pub mod generate;
+pub mod stub;
+pub mod train;

@@ -1,0 +1,70 @@
+//! `llmtune`: fine-tune, evaluate and serve large language models.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod args;
+mod cmd;
+
+/// Fine-tune large language models end to end: LoRA SFT, reward modelling, PPO, prediction
+/// with BLEU/ROUGE, chat, an OpenAI-compatible server and export. The commands of
+/// ChatGLM-Efficient-Tuning run with `python src/train_bash.py` replaced by `llmtune train`.
+#[derive(Parser, Debug)]
+#[command(name = "llmtune", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train or evaluate a model (stages sft, rm, ppo), with the reference's flags.
+    Train(cmd::train::TrainCmd),
+    /// Generate a reply to one prompt (no adapter training).
+    Generate(cmd::generate::GenerateArgs),
+    /// Streaming terminal chat with a model and its adapters.
+    Chat(cmd::stub::StubArgs),
+    /// OpenAI-compatible API server.
+    Api(cmd::stub::StubArgs),
+    /// Browser chat served at `/`.
+    Web(cmd::stub::StubArgs),
+    /// Merge adapters and export the model (HF layout or GGUF).
+    Export(cmd::stub::StubArgs),
+    /// Inspect datasets as the model will see them.
+    Data(cmd::stub::StubArgs),
+    /// Re-score a generated_predictions.jsonl with BLEU-4 and ROUGE-1/2/L.
+    #[command(name = "eval-preds")]
+    EvalPreds(cmd::stub::StubArgs),
+    /// Benchmarks (train step, decode).
+    Bench(cmd::stub::StubArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LLMTUNE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Train(a) => cmd::train::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Chat(_) => cmd::stub::not_yet("chat"),
+        Command::Api(_) => cmd::stub::not_yet("api"),
+        Command::Web(_) => cmd::stub::not_yet("web"),
+        Command::Export(_) => cmd::stub::not_yet("export"),
+        Command::Data(_) => cmd::stub::not_yet("data"),
+        Command::EvalPreds(_) => cmd::stub::not_yet("eval-preds"),
+        Command::Bench(_) => cmd::stub::not_yet("bench"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! Producing tokens: the sampler and batched generation with a KV cache.
+//!
+//! Used by predict, PPO rollouts, chat and the API server. Prompts of different lengths are
+//! left-padded into one batch; each row stops on any stop id or at `max_new_tokens`, and
+//! finished rows leave the batch so they stop costing compute.
+//!
+//! Logit processing follows transformers' order: repetition penalty, then temperature,
+//! top-k and top-p, then sampling from the softmax (or argmax when `do_sample` is false).
+
+use candle_core::{DType, Tensor};
+use llmtune_models::{Llama, ModelError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Generation settings (the reference's defaults for chat/API: sampling, temperature 0.95,
+/// top_p 0.7, top_k 50).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Sample (true) or take the argmax (false).
+    pub do_sample: bool,
+    /// Divides the logits before sampling (default 0.95). Ignored when greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass (default 0.7; 1.0 disables).
+    pub top_p: f64,
+    /// Keep the k most likely tokens (default 50; 0 disables).
+    pub top_k: usize,
+    /// > 1 discourages tokens already present (default 1.0 = off).
+    pub repetition_penalty: f64,
+    /// New tokens at most per row.
+    pub max_new_tokens: usize,
+    /// Ids that end a row (the emitted stop id is kept in the output).
+    pub stop_ids: Vec<u32>,
+    /// RNG seed for sampling.
+    pub seed: u64,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            do_sample: true,
+            temperature: 0.95,
+            top_p: 0.7,
+            top_k: 50,
+            repetition_penalty: 1.0,
+            max_new_tokens: 512,
+            stop_ids: vec![],
+            seed: 42,
+        }
+    }
+}
+
+/// Why a row ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Emitted a stop id.
+    Stop,
+    /// Reached `max_new_tokens`.
+    Length,
+}
+
+/// The new tokens of one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// New token ids (including the stop id when `finish == Stop`).
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+impl Generated {
+    /// The tokens without a trailing stop id.
+    pub fn content_tokens(&self) -> &[u32] {
+        match self.finish {
+            FinishReason::Stop => &self.tokens[..self.tokens.len().saturating_sub(1)],
+            FinishReason::Length => &self.tokens,
+        }
+    }
+}
+
+/// Picks tokens from logits.
+pub struct Sampler {
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Chooses the next token from `logits` (one row, f32), given the tokens seen so far
+    /// (prompt + generated; used by the repetition penalty).
+    pub fn pick(&mut self, logits: &mut [f32], seen: &[u32], cfg: &GenerationConfig) -> u32 {
+        if cfg.repetition_penalty != 1.0 {
+            let p = cfg.repetition_penalty as f32;
+            let mut done = std::collections::HashSet::new();
+            for &t in seen {
+                if (t as usize) < logits.len() && done.insert(t) {
+                    let l = &mut logits[t as usize];
+                    *l = if *l < 0.0 { *l * p } else { *l / p };
+                }
+            }
+        }
+        if !cfg.do_sample {
+            return argmax(logits);
+        }
+        let temp = cfg.temperature.max(1e-5) as f32;
+        // Candidates sorted by logit, descending.
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = if cfg.top_k == 0 {
+            logits.len()
+        } else {
+            cfg.top_k.min(logits.len())
+        };
+        if k < logits.len() {
+            idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                logits[b as usize].total_cmp(&logits[a as usize])
+            });
+            idx.truncate(k);
+        }
+        idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        let max = logits[idx[0] as usize] / temp;
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i as usize] / temp) - max) as f64).exp())
+            .collect();
+        let z: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
+        if cfg.top_p < 1.0 {
+            // Keep the smallest prefix whose mass reaches top_p (at least one token).
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (j, p) in probs.iter().enumerate() {
+                cum += p;
+                if cum >= cfg.top_p {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let z: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= z);
+        }
+        let r: f64 = self.rng.random();
+        let mut cum = 0.0;
+        for (j, p) in probs.iter().enumerate() {
+            cum += p;
+            if r < cum {
+                return idx[j];
+            }
+        }
+        idx[probs.len() - 1]
+    }
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Generates continuations for a batch of prompts (token ids, no padding).
+///
+/// `on_token(row, token)` is called for every new token as soon as it is chosen (streaming).
+/// Rows are independent: a row's output does not depend on the other rows except through the
+/// shared RNG stream when sampling.
+pub fn generate(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &GenerationConfig,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Generated>, ModelError> {
+    let n = prompts.len();
+    let mut out: Vec<Generated> = (0..n)
+        .map(|_| Generated {
+            tokens: vec![],
+            finish: FinishReason::Length,
+        })
+        .collect();
+    if n == 0 || cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(ModelError::Input(format!("prompt {i} is empty")));
+    }
+    let device = model.device().clone();
+    let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(n * max_len);
+    let mut mask: Vec<Vec<u32>> = Vec::with_capacity(n);
+    for p in prompts {
+        let pad = max_len - p.len();
+        ids.extend(std::iter::repeat_n(pad_id, pad));
+        ids.extend_from_slice(p);
+        let mut m = vec![0u32; pad];
+        m.extend(std::iter::repeat_n(1u32, p.len()));
+        mask.push(m);
+    }
+    let mut seen: Vec<Vec<u32>> = prompts.to_vec();
+    let mut sampler = Sampler::new(cfg.seed);
+    let mut cache = model.new_cache();
+    // `active[j]` = original row index of batch row j.
+    let mut active: Vec<usize> = (0..n).collect();
+    let mut input = Tensor::from_vec(ids, (n, max_len), &device)?;
+    for step in 0..cfg.max_new_tokens {
+        let mask_t = Tensor::from_vec(
+            mask.iter().flatten().copied().collect::<Vec<u32>>(),
+            (active.len(), mask[0].len()),
+            &device,
+        )?;
+        let logits = model.forward_last(&input, Some(&mask_t), Some(&mut cache))?;
+        let mut logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        let mut next = Vec::with_capacity(active.len());
+        let mut keep = Vec::with_capacity(active.len());
+        for (j, &row) in active.iter().enumerate() {
+            let tok = sampler.pick(&mut logits[j], &seen[row], cfg);
+            on_token(row, tok);
+            out[row].tokens.push(tok);
+            seen[row].push(tok);
+            if cfg.stop_ids.contains(&tok) {
+                out[row].finish = FinishReason::Stop;
+            } else if step + 1 < cfg.max_new_tokens {
+                keep.push(j);
+                next.push(tok);
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() != active.len() {
+            let idx = Tensor::new(
+                keep.iter()
+                    .map(|&j| j as u32)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+                &device,
+            )?;
+            cache.select_rows(&idx)?;
+            active = keep.iter().map(|&j| active[j]).collect();
+            mask = keep.iter().map(|&j| mask[j].clone()).collect();
+        }
+        for m in mask.iter_mut() {
+            m.push(1);
+        }
+        input = Tensor::from_vec(next, (active.len(), 1), &device)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> GenerationConfig {
+        GenerationConfig {
+            do_sample: true,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        let mut s = Sampler::new(0);
+        let c = GenerationConfig {
+            do_sample: false,
+            ..cfg()
+        };
+        assert_eq!(s.pick(&mut [0.1, 3.0, -1.0, 2.9], &[], &c), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(7);
+        let c = GenerationConfig { top_k: 1, ..cfg() };
+        for _ in 0..20 {
+            assert_eq!(s.pick(&mut [0.0, 1.0, 5.0, 4.9], &[], &c), 2);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_nucleus() {
+        // probs ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.6 keeps only the first token.
+        let mut s = Sampler::new(3);
+        let c = GenerationConfig {
+            top_p: 0.6,
+            ..cfg()
+        };
+        for _ in 0..50 {
+            assert_eq!(s.pick(&mut [3.0, 2.0, 1.0, 0.0], &[], &c), 0);
+        }
+        // top_p 0.85 keeps two tokens; both must appear, never the others.
+        let c = GenerationConfig {
+            top_p: 0.85,
+            ..cfg()
+        };
+        let mut hits = [0; 4];
+        for _ in 0..400 {
+            hits[s.pick(&mut [3.0, 2.0, 1.0, 0.0], &[], &c) as usize] += 1;
+        }
+        assert!(hits[0] > 0 && hits[1] > 0, "{hits:?}");
+        assert_eq!(hits[2] + hits[3], 0, "{hits:?}");
+    }
+
+    #[test]
+    fn sampling_follows_distribution_and_seed() {
+        let c = cfg();
+        let draw = |seed| {
+            let mut s = Sampler::new(seed);
+            (0..2000)
+                .map(|_| s.pick(&mut [0.0, (3.0f32).ln()], &[], &c))
+                .collect::<Vec<_>>()
+        };
+        let a = draw(11);
+        assert_eq!(a, draw(11), "same seed, same draws");
+        assert_ne!(a, draw(12));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((ones - 0.75).abs() < 0.04, "p(1) = {ones}");
+    }
+
+    #[test]
+    fn repetition_penalty_as_transformers() {
+        let mut s = Sampler::new(0);
+        let c = GenerationConfig {
+            do_sample: false,
+            repetition_penalty: 2.0,
+            ..cfg()
+        };
+        // token 0 (seen, positive) halves to 1.5 < 2.0; token 2 (seen, negative) doubles.
+        let mut l = [3.0, 2.0, -1.0];
+        assert_eq!(s.pick(&mut l, &[0, 2, 0], &c), 1);
+        assert_eq!(l, [1.5, 2.0, -2.0]);
+    }
+}

@@ -1,0 +1,237 @@
+//! GGUF models (`llama` and `qwen2` architectures): config from metadata, tensors
+//! dequantized to f32 under their HF names, and the tokenizer from `tokenizer.ggml.*`.
+//!
+//! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for the `llama` architecture
+//! (to interleaved rotary pairs); we undo it so the weights match the HF layout.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use llmtune_tokenize::gguf::GgufVocab;
+
+use crate::config::LlamaConfig;
+use crate::loader::MapSource;
+use crate::{ModelError, Result};
+
+/// A GGUF file read into memory.
+pub struct GgufModel {
+    pub config: LlamaConfig,
+    pub weights: MapSource,
+    pub vocab: GgufVocab,
+    /// `tokenizer.chat_template`, if any.
+    pub chat_template: Option<String>,
+}
+
+fn hf_name(gguf: &str) -> Option<String> {
+    let direct = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(d) = direct {
+        return Some(d.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = part.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)` on q/k rows: the converter maps HF rows
+/// `[h, 2, d/2]` to `[h, d/2, 2]`; we map back.
+fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let out = dims[0];
+    let head_dim = out / n_head;
+    let rest: Vec<usize> = dims[1..].to_vec();
+    let mut shape = vec![n_head, head_dim / 2, 2];
+    shape.extend(&rest);
+    let t = t.reshape(shape)?.transpose(1, 2)?.contiguous()?;
+    Ok(t.reshape(dims)?)
+}
+
+struct Meta<'a> {
+    md: &'a HashMap<String, gguf_file::Value>,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.md.get(key)
+    }
+    fn err(&self, key: &str, msg: &str) -> ModelError {
+        ModelError::Weights {
+            path: self.path.to_path_buf(),
+            msg: format!("GGUF metadata {key}: {msg}"),
+        }
+    }
+    fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
+        v.to_u64()
+            .or_else(|_| v.to_u32().map(|x| x as u64))
+            .or_else(|_| v.to_i32().map(|x| x as u64))
+            .map(|x| x as usize)
+            .map_err(|e| self.err(key, &e.to_string()))
+    }
+    fn opt_u32(&self, key: &str) -> Option<u32> {
+        let v = self.get(key)?;
+        v.to_u32()
+            .ok()
+            .or_else(|| v.to_i32().ok().map(|x| x as u32))
+    }
+    fn f64(&self, key: &str) -> Option<f64> {
+        let v = self.get(key)?;
+        v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok()
+    }
+    fn string(&self, key: &str) -> Option<String> {
+        self.get(key)?.to_string().ok().cloned()
+    }
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| self.err(key, &e.to_string()))?
+                .iter()
+                .map(|x| {
+                    x.to_string()
+                        .cloned()
+                        .map_err(|e| self.err(key, &e.to_string()))
+                })
+                .collect(),
+        }
+    }
+    fn ints(&self, key: &str) -> Result<Vec<i32>> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| self.err(key, &e.to_string()))?
+                .iter()
+                .map(|x| x.to_i32().map_err(|e| self.err(key, &e.to_string())))
+                .collect(),
+        }
+    }
+}
+
+/// Reads a GGUF file: config, dequantized f32 weights (HF names) and tokenizer vocabulary.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Weights {
+        path: path.to_path_buf(),
+        msg: format!("not a valid GGUF file (truncated or corrupt?): {e}"),
+    })?;
+    let m = Meta {
+        md: &content.metadata,
+        path,
+    };
+    let arch = m
+        .string("general.architecture")
+        .ok_or_else(|| m.err("general.architecture", "missing"))?;
+    if arch != "llama" && arch != "qwen2" {
+        return Err(m.err(
+            "general.architecture",
+            &format!("{arch:?} is not supported (llama, qwen2)"),
+        ));
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let tokens = m.strings("tokenizer.ggml.tokens")?;
+    let n_head = m.usize(&k("attention.head_count"))?;
+    let n_kv = m.usize(&k("attention.head_count_kv")).unwrap_or(n_head);
+    let hidden = m.usize(&k("embedding_length"))?;
+    let vocab_size = m.usize(&k("vocab_size")).unwrap_or(tokens.len());
+    let has_output = content.tensor_infos.contains_key("output.weight");
+    let eos = m.opt_u32("tokenizer.ggml.eos_token_id");
+    let mut eos_ids: Vec<u32> = eos.into_iter().collect();
+    if let Some(eot) = m.opt_u32("tokenizer.ggml.eot_token_id") {
+        if !eos_ids.contains(&eot) {
+            eos_ids.push(eot);
+        }
+    }
+    let config = LlamaConfig {
+        model_type: arch.clone(),
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: m.usize(&k("feed_forward_length"))?,
+        num_hidden_layers: m.usize(&k("block_count"))?,
+        num_attention_heads: n_head,
+        num_key_value_heads: n_kv,
+        head_dim: m
+            .usize(&k("attention.key_length"))
+            .unwrap_or(hidden / n_head),
+        rms_norm_eps: m
+            .f64(&k("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-6),
+        rope_theta: m.f64(&k("rope.freq_base")).unwrap_or(10000.0),
+        rope_scaling: None,
+        max_position_embeddings: m.usize(&k("context_length")).unwrap_or(2048),
+        tie_word_embeddings: !has_output,
+        qkv_bias: arch == "qwen2",
+        o_bias: false,
+        bos_token_id: m.opt_u32("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: eos_ids.clone(),
+        pad_token_id: m.opt_u32("tokenizer.ggml.padding_token_id"),
+    };
+
+    let mut tensors = HashMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(hf) = hf_name(name) else {
+            tracing::debug!("GGUF {}: skipping tensor {name}", path.display());
+            continue;
+        };
+        let qt =
+            content
+                .tensor(&mut file, name, &Device::Cpu)
+                .map_err(|e| ModelError::Weights {
+                    path: path.to_path_buf(),
+                    msg: format!("cannot read tensor {name}: {e}"),
+                })?;
+        let mut t = qt.dequantize(&Device::Cpu)?;
+        if arch == "llama" {
+            if hf.ends_with("q_proj.weight") || hf.ends_with("q_proj.bias") {
+                t = unpermute(&t, n_head)?;
+            } else if hf.ends_with("k_proj.weight") || hf.ends_with("k_proj.bias") {
+                t = unpermute(&t, n_kv)?;
+            }
+        }
+        tensors.insert(hf, t.to_device(device)?);
+    }
+
+    let vocab = GgufVocab {
+        model: m.string("tokenizer.ggml.model").unwrap_or_default(),
+        pre: m
+            .string("tokenizer.ggml.pre")
+            .unwrap_or_else(|| "default".into()),
+        tokens,
+        token_types: m.ints("tokenizer.ggml.token_type")?,
+        merges: m.strings("tokenizer.ggml.merges")?,
+        bos: config.bos_token_id,
+        eos,
+        pad: config.pad_token_id,
+        extra_stop: eos_ids,
+    };
+    Ok(GgufModel {
+        config,
+        weights: MapSource::new(tensors, path),
+        vocab,
+        chat_template: m.string("tokenizer.chat_template"),
+    })
+}

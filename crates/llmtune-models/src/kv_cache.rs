@@ -1,0 +1,58 @@
+//! Key/value cache for incremental decoding.
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// Per-layer keys and values `[b, kv_heads, t, head_dim]`, grown as tokens are decoded.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Option<Tensor>, Option<Tensor>)>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![(None, None); n_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn layer_mut(&mut self, i: usize) -> &mut (Option<Tensor>, Option<Tensor>) {
+        &mut self.layers[i]
+    }
+
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Keeps only the batch rows in `rows` (finished rows leave the batch).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut() {
+            if let Some(t) = k.as_mut() {
+                *t = t.index_select(rows, 0)?;
+            }
+            if let Some(t) = v.as_mut() {
+                *t = t.index_select(rows, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn clear(&mut self) {
+        for l in self.layers.iter_mut() {
+            *l = (None, None);
+        }
+        self.len = 0;
+    }
+}

@@ -1,0 +1,142 @@
+//! Model architectures and weights for llmtune.
+//!
+//! * [`config`]: typed mirrors of HF `config.json`.
+//! * [`llama`]: the Llama family (Llama 2/3, Qwen2/2.5, Mistral, SmolLM2).
+//! * [`loader`]: safetensors (single/sharded), PyTorch `.bin` (single/sharded), in-memory.
+//! * [`gguf`]: GGUF files (dequantized to f32, tokenizer from metadata).
+//! * [`hub`]: built-in aliases such as `smollm2-135m` and their local cache.
+//! * [`kv_cache`]: the cache for incremental decoding.
+//!
+//! [`load_pretrained`] resolves a `--model_name_or_path` value (folder, `.gguf` file or alias)
+//! into a model and its tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+pub mod config;
+pub mod gguf;
+pub mod hub;
+pub mod kv_cache;
+pub mod llama;
+pub mod loader;
+
+pub use config::LlamaConfig;
+pub use kv_cache::KvCache;
+pub use llama::{Linear, LinearAdapter, Llama};
+pub use llmtune_tokenize::Tokenizer;
+
+/// Errors of model loading and running. Each names the file and tensor involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid model config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    Weights { path: PathBuf, msg: String },
+    #[error("{path}: tensor {name} is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor {name} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{0}")]
+    Model(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Tokenizer(#[from] llmtune_tokenize::TokenizerError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// What was loaded, for choosing defaults (template) and for messages.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `llama`, `qwen2`, `mistral`.
+    pub model_type: String,
+    /// The folder or file the weights came from.
+    pub path: PathBuf,
+    /// Whether it came from a GGUF file.
+    pub from_gguf: bool,
+    /// The built-in alias used, if any (e.g. `smollm2-135m`).
+    pub alias: Option<String>,
+}
+
+/// A loaded model with its tokenizer.
+pub struct Pretrained {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub info: ModelInfo,
+}
+
+/// Loads a model from a HF folder, a `.gguf` file, or a built-in alias.
+pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
+    let (path, alias) = hub::resolve(name_or_path)?;
+    if path.is_file() {
+        let is_gguf = path.extension().map(|e| e == "gguf").unwrap_or(false);
+        if !is_gguf {
+            return Err(ModelError::Model(format!(
+                "{}: a model file must be a .gguf; otherwise pass the model folder",
+                path.display()
+            )));
+        }
+        let g = gguf::load_gguf(&path, device)?;
+        let tokenizer = llmtune_tokenize::gguf::tokenizer_from_gguf(&g.vocab, path.clone())?;
+        let model = Llama::load(&g.config, &g.weights, dtype, device)?;
+        return Ok(Pretrained {
+            info: ModelInfo {
+                model_type: g.config.model_type.clone(),
+                path,
+                from_gguf: true,
+                alias,
+            },
+            model,
+            tokenizer,
+        });
+    }
+    if !path.is_dir() {
+        return Err(ModelError::Model(format!(
+            "--model_name_or_path {name_or_path}: no such folder or file, and not a built-in \
+             alias (known: {})",
+            hub::ALIASES
+                .iter()
+                .map(|a| a.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let cfg_path = path.join("config.json");
+    let cfg = LlamaConfig::from_file(&cfg_path)?;
+    let src = loader::open_dir(&path)?;
+    let model = Llama::load(&cfg, src.as_ref(), dtype, device)?;
+    let tokenizer = Tokenizer::from_dir(&path)?;
+    Ok(Pretrained {
+        info: ModelInfo {
+            model_type: cfg.model_type.clone(),
+            path,
+            from_gguf: false,
+            alias,
+        },
+        model,
+        tokenizer,
+    })
+}

@@ -1,0 +1,607 @@
+//! The Llama family: Llama 2/3, Qwen2/2.5, Mistral, SmolLM2.
+//!
+//! Read top to bottom: rotary tables, attention masks, the linear layer (with an adapter
+//! hook for LoRA), attention, MLP, the decoder layer, and the model. Every op on the
+//! training path comes from `llmtune_ops`, which is differentiable end to end.
+//!
+//! Conventions (as transformers): `x = embed[ids]`; per layer
+//! `h = x + o_proj(attn(rmsnorm1(x)))`, `x = h + down(silu(gate(rmsnorm2(h))) * up(rmsnorm2(h)))`;
+//! final RMSNorm; `logits = x @ W_out^T`. RoPE rotates halves (not interleaved pairs); each
+//! KV head serves `heads / kv_heads` consecutive query heads.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::kv_cache::KvCache;
+use crate::loader::WeightSource;
+use crate::{ModelError, Result};
+
+// ---------------------------------------------------------------------------------------
+// Rotary embedding tables.
+
+/// Precomputed inverse frequencies; cos/sin are built per batch from position ids.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        Self {
+            inv_freq: cfg.inv_freq(),
+        }
+    }
+
+    /// cos and sin of shape `[b, t, head_dim/2]` for `positions` (`[b][t]`).
+    pub fn cos_sin(
+        &self,
+        positions: &[Vec<i64>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let b = positions.len();
+        let t = positions.first().map(|r| r.len()).unwrap_or(0);
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        for row in positions {
+            for &p in row {
+                for &f in &self.inv_freq {
+                    // Angles in f32 like transformers (position * inv_freq in float32).
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, t, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Masks and positions.
+
+/// Per-row attention mask as host vectors (`1` = real token), for the whole sequence seen
+/// so far (cache + new tokens).
+pub fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let m = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    Ok(m.into_iter()
+        .map(|r| r.into_iter().map(|x| (x != 0) as u8).collect())
+        .collect())
+}
+
+/// Position ids as `generate` builds them: `cumsum(mask) - 1`, and 1 on padding (unused).
+/// Returns the positions of the last `t_new` columns.
+pub fn positions_from_mask(mask: &[Vec<u8>], t_new: usize) -> Vec<Vec<i64>> {
+    mask.iter()
+        .map(|row| {
+            let mut c = 0i64;
+            let all: Vec<i64> = row
+                .iter()
+                .map(|&m| {
+                    c += m as i64;
+                    if m == 1 {
+                        c - 1
+                    } else {
+                        1
+                    }
+                })
+                .collect();
+            all[all.len() - t_new..].to_vec()
+        })
+        .collect()
+}
+
+/// Additive mask `[b, 1, t_new, t_total]`: 0 where query `i` (at absolute index
+/// `past + i`) may attend key `j` (`j <= past + i` and key `j` is real), else the dtype's
+/// most negative finite value. Rows whose every key is masked (left padding) stay finite and
+/// degenerate to a uniform average, as eager attention in transformers does.
+pub fn causal_mask(
+    mask: &[Vec<u8>],
+    t_new: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = mask.len();
+    let total = mask.first().map(|r| r.len()).unwrap_or(0);
+    let past = total - t_new;
+    let neg = f32::MIN;
+    let mut v = vec![0f32; b * t_new * total];
+    for (bi, row) in mask.iter().enumerate() {
+        for i in 0..t_new {
+            let base = (bi * t_new + i) * total;
+            for j in 0..total {
+                if j > past + i || row[j] == 0 {
+                    v[base + j] = neg;
+                }
+            }
+        }
+    }
+    let t = Tensor::from_vec(v, (b, 1, t_new, total), device)?;
+    Ok(if dtype == DType::F32 {
+        t
+    } else {
+        // Keep the value finite in half precision.
+        t.clamp(-65000f32, 0f32)?.to_dtype(dtype)?
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Linear layer with an adapter hook.
+
+/// Something added on top of a linear layer's output (LoRA). Implemented by
+/// `llmtune-adapters`; the model knows only this hook.
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// Returns `base + adapter(x)`, where `base = x W^T (+ b)`.
+    fn apply(&self, x: &Tensor, base: Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// `y = x W^T (+ b)`, plus an optional adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = llmtune_ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.adapter {
+            Some(a) => a.apply(x, y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm with a weight.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        llmtune_ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention.
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    n_head: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// `x`: `[b, t, hidden]`; `cos`/`sin`: `[b, t, head_dim/2]`; `mask`: `[b, 1, t, T]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (self.n_head, self.n_kv, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = llmtune_ops::rope(&q, cos, sin)?;
+        let mut k = llmtune_ops::rope(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let (Some(pk), Some(pv)) = (&slot.0, &slot.1) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            slot.0 = Some(k.clone());
+            slot.1 = Some(v.clone());
+        }
+        let total = k.dim(2)?;
+        let rep = h / kvh;
+        // Group the query heads that share a KV head: [b, kvh, rep*t, d].
+        let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, kvh, rep * t, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = llmtune_ops::softmax_last_dim(&scores)?;
+        let probs = probs.reshape((b, kvh, rep * t, total))?;
+        let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let u = self.up_proj.forward(x)?;
+        self.down_proj.forward(&llmtune_ops::swiglu(&g, &u)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+    ) -> Result<Tensor> {
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        let h = (x + a)?;
+        let m = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?;
+        Ok((h + m)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The model.
+
+/// A Llama-family causal LM.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    rotary: Rotary,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from HF-named weights, converting to `dtype` on `device`.
+    pub fn load(
+        cfg: &LlamaConfig,
+        src: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (hs, v) = (cfg.hidden_size, cfg.vocab_size);
+        let q_out = cfg.num_attention_heads * cfg.head_dim;
+        let kv_out = cfg.num_key_value_heads * cfg.head_dim;
+        let get = |name: &str, shape: &[usize]| src.require(name, shape, dtype, device);
+        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = get(&format!("{name}.weight"), &[out, inp])?;
+            let b = if bias {
+                Some(get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(Linear::new(w, b))
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: get(name, &[hs])?,
+                eps: cfg.rms_norm_eps,
+            })
+        };
+        let embed_tokens = get("model.embed_tokens.weight", &[v, hs])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: lin(&format!("{p}.self_attn.q_proj"), q_out, hs, cfg.qkv_bias)?,
+                    k_proj: lin(&format!("{p}.self_attn.k_proj"), kv_out, hs, cfg.qkv_bias)?,
+                    v_proj: lin(&format!("{p}.self_attn.v_proj"), kv_out, hs, cfg.qkv_bias)?,
+                    o_proj: lin(&format!("{p}.self_attn.o_proj"), hs, q_out, cfg.o_bias)?,
+                    n_head: cfg.num_attention_heads,
+                    n_kv: cfg.num_key_value_heads,
+                    head_dim: cfg.head_dim,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: lin(
+                        &format!("{p}.mlp.gate_proj"),
+                        cfg.intermediate_size,
+                        hs,
+                        false,
+                    )?,
+                    up_proj: lin(
+                        &format!("{p}.mlp.up_proj"),
+                        cfg.intermediate_size,
+                        hs,
+                        false,
+                    )?,
+                    down_proj: lin(
+                        &format!("{p}.mlp.down_proj"),
+                        hs,
+                        cfg.intermediate_size,
+                        false,
+                    )?,
+                },
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            match src.get("lm_head.weight", dtype, device)? {
+                Some(w) => {
+                    if w.dims() != [v, hs] {
+                        return Err(ModelError::ShapeMismatch {
+                            path: src.location().to_path_buf(),
+                            name: "lm_head.weight".into(),
+                            expected: vec![v, hs],
+                            found: w.dims().to_vec(),
+                        });
+                    }
+                    Some(Linear::new(w, None))
+                }
+                None => {
+                    return Err(ModelError::MissingTensor {
+                        path: src.location().to_path_buf(),
+                        name: "lm_head.weight (tie_word_embeddings is false)".into(),
+                    })
+                }
+            }
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            rotary: Rotary::new(cfg),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh, empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Runs the decoder and returns the final hidden states `[b, t, hidden]` (after the final
+    /// norm).
+    ///
+    /// * `input_ids`: `[b, t]` (u32 or i64) — the new tokens.
+    /// * `attention_mask`: `[b, past + t]` with 1 for real tokens; `None` = all real.
+    /// * `position_ids`: `[b][t]`; `None` = derived from the mask (`cumsum - 1`).
+    /// * `cache`: appended to when given (incremental decoding).
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&[Vec<i64>]>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let mask = match attention_mask {
+            Some(m) => {
+                let rows = mask_rows(m)?;
+                if rows.len() != b || rows.iter().any(|r| r.len() != past + t) {
+                    return Err(ModelError::Input(format!(
+                        "attention_mask must be [{b}, {}] (cache {past} + new {t}), got {:?}",
+                        past + t,
+                        m.dims()
+                    )));
+                }
+                rows
+            }
+            None => vec![vec![1u8; past + t]; b],
+        };
+        let positions = match position_ids {
+            Some(p) => p.to_vec(),
+            None => positions_from_mask(&mask, t),
+        };
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
+        let additive = causal_mask(&mask, t, self.dtype, &self.device)?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| c.layer_mut(i));
+            x = layer.forward(&x, &cos, &sin, &additive, slot)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Per-layer residual streams (before the final norm) for parity tests.
+    pub fn forward_layers(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let (b, t) = input_ids.dims2()?;
+        let mask = match attention_mask {
+            Some(m) => mask_rows(m)?,
+            None => vec![vec![1u8; t]; b],
+        };
+        let positions = positions_from_mask(&mask, t);
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
+        let additive = causal_mask(&mask, t, self.dtype, &self.device)?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?;
+        let mut outs = Vec::new();
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &additive, None)?;
+            outs.push(x.clone());
+        }
+        Ok(outs)
+    }
+
+    /// Logits `[.., vocab]` from final hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(match &self.lm_head {
+            Some(h) => h.forward(hidden)?,
+            None => llmtune_ops::linear(hidden, &self.embed_tokens, None)?,
+        })
+    }
+
+    /// Full forward: `(logits [b, t, vocab], hidden [b, t, hidden])`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&[Vec<i64>]>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Tensor)> {
+        let hidden = self.forward_hidden(input_ids, attention_mask, position_ids, cache)?;
+        let logits = self.logits(&hidden)?;
+        Ok((logits, hidden))
+    }
+
+    /// Logits of the last position only `[b, vocab]` (generation).
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask, None, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(self.logits(&last)?.to_dtype(DType::F32)?)
+    }
+
+    /// Every linear layer by its HF module name (e.g. `model.layers.0.self_attn.q_proj`),
+    /// for attaching adapters.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut l.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push(("lm_head".into(), h));
+        }
+        out
+    }
+
+    /// Every parameter tensor by HF name (for freeze/full tuning, merging and export).
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out: Vec<(String, &mut Tensor)> =
+            vec![("model.embed_tokens.weight".into(), &mut self.embed_tokens)];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                &mut l.input_layernorm.weight,
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut l.post_attention_layernorm.weight,
+            ));
+            let a = &mut l.self_attn;
+            for (n, lin) in [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("o_proj", &mut a.o_proj),
+            ] {
+                out.push((format!("{p}.self_attn.{n}.weight"), &mut lin.weight));
+                if let Some(b) = lin.bias.as_mut() {
+                    out.push((format!("{p}.self_attn.{n}.bias"), b));
+                }
+            }
+            let m = &mut l.mlp;
+            for (n, lin) in [
+                ("gate_proj", &mut m.gate_proj),
+                ("up_proj", &mut m.up_proj),
+                ("down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("{p}.mlp.{n}.weight"), &mut lin.weight));
+            }
+        }
+        out.push(("model.norm.weight".into(), &mut self.norm.weight));
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push(("lm_head.weight".into(), &mut h.weight));
+        }
+        out
+    }
+}

@@ -1,0 +1,304 @@
+//! Tokenizers for llmtune.
+//!
+//! One [`Tokenizer`] type serves every consumer (data encoding, generation, chat, the API
+//! server and export). It wraps a Hugging Face `tokenizers` pipeline loaded from a
+//! `tokenizer.json` or built from GGUF metadata (byte-level BPE from tokens + merges), and
+//! knows the model's special tokens (bos, eos, pad) from `tokenizer_config.json`,
+//! `generation_config.json` or the GGUF header.
+//!
+//! ChatGLM's SentencePiece tokenizers will plug in as another backend behind the same type.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub mod gguf;
+
+/// Errors from loading or running a tokenizer. Each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot read tokenizer file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid tokenizer file {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("tokenizer error: {0}")]
+    Run(String),
+}
+
+pub type Result<T> = std::result::Result<T, TokenizerError>;
+
+/// Special tokens of a model, as ids of its vocabulary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    /// The primary eos (the one appended after a training target).
+    pub eos: Option<u32>,
+    pub pad: Option<u32>,
+    /// Every id that ends generation (eos plus e.g. `generation_config.json`'s list).
+    pub stop: Vec<u32>,
+}
+
+/// A tokenizer with its special tokens.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    specials: SpecialTokens,
+    source: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("specials", &self.specials)
+            .field("vocab_size", &self.vocab_size())
+            .finish()
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| TokenizerError::Invalid {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// `tokenizer_config.json` stores a token either as a string or as `{"content": ...}`.
+fn token_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+fn id_list(v: &serde_json::Value) -> Vec<u32> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl Tokenizer {
+    /// Wraps an already-built `tokenizers` pipeline.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        specials: SpecialTokens,
+        source: PathBuf,
+    ) -> Self {
+        let mut t = Self {
+            inner,
+            specials,
+            source,
+        };
+        t.normalize_stop();
+        t
+    }
+
+    fn normalize_stop(&mut self) {
+        if let Some(e) = self.specials.eos {
+            if !self.specials.stop.contains(&e) {
+                self.specials.stop.insert(0, e);
+            }
+        }
+    }
+
+    /// Loads a `tokenizer.json` file. Special tokens are left unset.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(TokenizerError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Invalid {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        Ok(Self::from_parts(
+            inner,
+            SpecialTokens::default(),
+            path.to_path_buf(),
+        ))
+    }
+
+    /// Loads a Hugging Face model folder's tokenizer: `tokenizer.json`, with special tokens
+    /// from `tokenizer_config.json`, then `config.json` / `generation_config.json` ids.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let mut tok = Self::from_file(dir.join("tokenizer.json"))?;
+        let mut sp = SpecialTokens::default();
+        let tc = dir.join("tokenizer_config.json");
+        if tc.exists() {
+            let v = read_json(&tc)?;
+            let lookup = |key: &str| {
+                v.get(key)
+                    .and_then(token_string)
+                    .and_then(|s| tok.inner.token_to_id(&s))
+            };
+            sp.bos = lookup("bos_token");
+            sp.eos = lookup("eos_token");
+            sp.pad = lookup("pad_token");
+        }
+        for f in ["config.json", "generation_config.json"] {
+            let p = dir.join(f);
+            if !p.exists() {
+                continue;
+            }
+            let v = read_json(&p)?;
+            if sp.bos.is_none() {
+                sp.bos = v
+                    .get("bos_token_id")
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as u32);
+            }
+            if let Some(e) = v.get("eos_token_id") {
+                let ids = id_list(e);
+                if sp.eos.is_none() {
+                    sp.eos = ids.first().copied();
+                }
+                for id in ids {
+                    if !sp.stop.contains(&id) {
+                        sp.stop.push(id);
+                    }
+                }
+            }
+            if sp.pad.is_none() {
+                sp.pad = v
+                    .get("pad_token_id")
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as u32);
+            }
+        }
+        tok.specials = sp;
+        tok.normalize_stop();
+        Ok(tok)
+    }
+
+    /// Where this tokenizer was loaded from (for messages and cache keys).
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub fn specials(&self) -> &SpecialTokens {
+        &self.specials
+    }
+
+    pub fn specials_mut(&mut self) -> &mut SpecialTokens {
+        &mut self.specials
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.specials.bos
+    }
+    pub fn eos_id(&self) -> Option<u32> {
+        self.specials.eos
+    }
+    /// The pad id; falls back to eos when the model defines none (as most trainers do).
+    pub fn pad_id(&self) -> Option<u32> {
+        self.specials.pad.or(self.specials.eos)
+    }
+    /// Ids that end generation.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.specials.stop
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Encodes text. Special-token strings inside the text map to their ids.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Run(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes many texts in parallel (order kept).
+    pub fn encode_batch(&self, texts: &[&str], add_special_tokens: bool) -> Result<Vec<Vec<u32>>> {
+        let encs = self
+            .inner
+            .encode_batch(texts.to_vec(), add_special_tokens)
+            .map_err(|e| TokenizerError::Run(e.to_string()))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Run(e.to_string()))
+    }
+
+    /// Whether `id` is a special (added, special=true) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .map(|t| t.special)
+            .unwrap_or(false)
+    }
+
+    /// The wrapped `tokenizers` pipeline (for export).
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// The vocabulary (token -> id), added tokens included.
+    pub fn vocab(&self) -> HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+}
+
+/// Decodes tokens incrementally for streaming: returns only newly completed text, holding
+/// back bytes of an unfinished UTF-8 sequence.
+#[derive(Debug, Default, Clone)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Pushes one token id and returns the text that became final with it (maybe empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let new = if text.len() >= self.emitted && text.is_char_boundary(self.emitted) {
+            text[self.emitted..].to_string()
+        } else {
+            String::new()
+        };
+        self.emitted = text.len();
+        Ok(new)
+    }
+}
