@@ -32,12 +32,12 @@ enum Command {
     /// Merge adapters and export the model (HF layout or GGUF).
     Export(cmd::stub::StubArgs),
     /// Inspect datasets as the model will see them.
-    Data(cmd::stub::StubArgs),
+    Data(cmd::data::DataCmd),
     /// Re-score a generated_predictions.jsonl with BLEU-4 and ROUGE-1/2/L.
     #[command(name = "eval-preds")]
-    EvalPreds(cmd::stub::StubArgs),
+    EvalPreds(cmd::eval_preds::EvalPredsArgs),
     /// Benchmarks (train step, decode).
-    Bench(cmd::stub::StubArgs),
+    Bench(cmd::bench::BenchCmd),
 }
 
 fn main() -> ExitCode {
@@ -56,9 +56,9 @@ fn main() -> ExitCode {
         Command::Api(_) => cmd::stub::not_yet("api"),
         Command::Web(_) => cmd::stub::not_yet("web"),
         Command::Export(_) => cmd::stub::not_yet("export"),
-        Command::Data(_) => cmd::stub::not_yet("data"),
-        Command::EvalPreds(_) => cmd::stub::not_yet("eval-preds"),
-        Command::Bench(_) => cmd::stub::not_yet("bench"),
+        Command::Data(a) => cmd::data::run(a),
+        Command::EvalPreds(a) => cmd::eval_preds::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(code) => code,

@@ -130,6 +130,46 @@ impl Meta<'_> {
     }
 }
 
+/// Reads only the metadata of a GGUF file: the architecture name and the tokenizer vocabulary.
+pub fn read_gguf_vocab(path: &Path) -> Result<(String, GgufVocab)> {
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Weights {
+        path: path.to_path_buf(),
+        msg: format!("not a valid GGUF file (truncated or corrupt?): {e}"),
+    })?;
+    let m = Meta {
+        md: &content.metadata,
+        path,
+    };
+    let arch = m
+        .string("general.architecture")
+        .ok_or_else(|| m.err("general.architecture", "missing"))?;
+    Ok((arch, vocab_of(&m)?))
+}
+
+fn vocab_of(m: &Meta<'_>) -> Result<GgufVocab> {
+    let eos = m.opt_u32("tokenizer.ggml.eos_token_id");
+    let mut stop: Vec<u32> = eos.into_iter().collect();
+    if let Some(eot) = m.opt_u32("tokenizer.ggml.eot_token_id") {
+        if !stop.contains(&eot) {
+            stop.push(eot);
+        }
+    }
+    Ok(GgufVocab {
+        model: m.string("tokenizer.ggml.model").unwrap_or_default(),
+        pre: m
+            .string("tokenizer.ggml.pre")
+            .unwrap_or_else(|| "default".into()),
+        tokens: m.strings("tokenizer.ggml.tokens")?,
+        token_types: m.ints("tokenizer.ggml.token_type")?,
+        merges: m.strings("tokenizer.ggml.merges")?,
+        bos: m.opt_u32("tokenizer.ggml.bos_token_id"),
+        eos,
+        pad: m.opt_u32("tokenizer.ggml.padding_token_id"),
+        extra_stop: stop,
+    })
+}
+
 /// Reads a GGUF file: config, dequantized f32 weights (HF names) and tokenizer vocabulary.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
@@ -215,19 +255,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         tensors.insert(hf, t.to_device(device)?);
     }
 
-    let vocab = GgufVocab {
-        model: m.string("tokenizer.ggml.model").unwrap_or_default(),
-        pre: m
-            .string("tokenizer.ggml.pre")
-            .unwrap_or_else(|| "default".into()),
-        tokens,
-        token_types: m.ints("tokenizer.ggml.token_type")?,
-        merges: m.strings("tokenizer.ggml.merges")?,
-        bos: config.bos_token_id,
-        eos,
-        pad: config.pad_token_id,
-        extra_stop: eos_ids,
-    };
+    let vocab = vocab_of(&m)?;
     Ok(GgufModel {
         config,
         weights: MapSource::new(tensors, path),

@@ -88,6 +88,41 @@ pub struct Pretrained {
     pub info: ModelInfo,
 }
 
+/// Loads only the tokenizer (and the model type) of a HF folder, `.gguf` file or alias.
+pub fn load_tokenizer(name_or_path: &str) -> Result<(Tokenizer, String)> {
+    let (path, _) = hub::resolve(name_or_path)?;
+    if path.is_file() {
+        let (arch, vocab) = gguf::read_gguf_vocab(&path)?;
+        let tok = llmtune_tokenize::gguf::tokenizer_from_gguf(&vocab, path.clone())?;
+        return Ok((tok, arch));
+    }
+    if !path.is_dir() {
+        return Err(ModelError::Model(format!(
+            "--model_name_or_path {name_or_path}: no such folder or file, and not a built-in \
+             alias (known: {})",
+            hub::ALIASES
+                .iter()
+                .map(|a| a.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let cfg: serde_json::Value = {
+        let p = path.join("config.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?;
+        serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?
+    };
+    let model_type = cfg
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("llama")
+        .to_string();
+    Ok((Tokenizer::from_dir(&path)?, model_type))
+}
+
 /// Loads a model from a HF folder, a `.gguf` file, or a built-in alias.
 pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
     let (path, alias) = hub::resolve(name_or_path)?;

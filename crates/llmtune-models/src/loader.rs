@@ -141,6 +141,13 @@ impl SafetensorsSource {
         for f in files {
             check_exists(f)?;
         }
+        // Headers first: our own checks give clearer messages than the mmap reader.
+        let mut names = HashMap::new();
+        for f in files {
+            for k in safetensors_names(f)? {
+                names.insert(k, f.clone());
+            }
+        }
         // SAFETY: the files are opened read-only; as with any mmap, modifying them while we
         // read is undefined, which is the documented contract of memmap2.
         let st =
@@ -150,12 +157,6 @@ impl SafetensorsSource {
                     msg: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
                 }
             })?;
-        let mut names = HashMap::new();
-        for f in files {
-            for k in safetensors_names(f)? {
-                names.insert(k, f.clone());
-            }
-        }
         Ok(Self {
             st,
             files: names,

@@ -1,3 +1,6 @@
+pub mod bench;
+pub mod data;
+pub mod eval_preds;
 pub mod generate;
 pub mod stub;
 pub mod train;

@@ -1,0 +1,1 @@
+//! Not yet implemented: LoRA, freeze/full, value head (work in progress).

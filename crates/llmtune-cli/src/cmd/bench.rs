@@ -1,0 +1,122 @@
+//! `llmtune bench`: measured figures for docs/results.md (never run in tests).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use llmtune_generate::{generate, GenerationConfig};
+
+use crate::args::{compute_dtype, device, model_or_default};
+
+/// Benchmarks.
+#[derive(clap::Args, Debug)]
+pub struct BenchCmd {
+    #[command(subcommand)]
+    pub action: BenchAction,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchAction {
+    /// Decode speed: greedy generation of `new_tokens` per row after a short prompt.
+    /// Ends with `tokens_per_s: X` (decode only, prefill excluded).
+    Decode(DecodeArgs),
+    /// Writes the logits of token-id sequences (`ids.{i}` in a safetensors file) as
+    /// `logits.{i}`, for comparisons with other implementations.
+    Logits(LogitsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(rename_all = "snake_case")]
+pub struct DecodeArgs {
+    #[arg(long)]
+    pub model_name_or_path: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(rename_all = "snake_case")]
+pub struct LogitsArgs {
+    #[arg(long)]
+    pub model_name_or_path: Option<String>,
+    /// safetensors with `ids.{i}` (1-D integer tensors).
+    #[arg(long)]
+    pub ids: PathBuf,
+    /// Output safetensors with `logits.{i}` [T_i, vocab] (f32).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(c: BenchCmd) -> anyhow::Result<ExitCode> {
+    match c.action {
+        BenchAction::Decode(a) => decode(a),
+        BenchAction::Logits(a) => logits(a),
+    }
+}
+
+fn decode(a: DecodeArgs) -> anyhow::Result<ExitCode> {
+    let name = model_or_default(&a.model_name_or_path);
+    let dev = device()?;
+    let t0 = Instant::now();
+    let p = llmtune_models::load_pretrained(&name, compute_dtype(&dev), &dev)
+        .with_context(|| format!("loading {name}"))?;
+    eprintln!("loaded {name} in {:.2}s", t0.elapsed().as_secs_f64());
+    let text = "The history of the city begins with a small settlement on the river, where";
+    let mut ids = p.tokenizer.encode(text, false)?;
+    ids.resize(a.prompt_tokens.max(1), ids[0]);
+    let prompts = vec![ids; a.batch];
+    let pad = p.tokenizer.pad_id().unwrap_or(0);
+    // Prefill alone, to subtract it.
+    let one = GenerationConfig {
+        do_sample: false,
+        max_new_tokens: 1,
+        stop_ids: vec![],
+        ..Default::default()
+    };
+    let t = Instant::now();
+    generate(&p.model, &prompts, pad, &one, |_, _| {})?;
+    let prefill = t.elapsed().as_secs_f64();
+    let cfg = GenerationConfig {
+        max_new_tokens: a.new_tokens,
+        ..one
+    };
+    let t = Instant::now();
+    let out = generate(&p.model, &prompts, pad, &cfg, |_, _| {})?;
+    let total = t.elapsed().as_secs_f64();
+    let n: usize = out.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
+    let decode_s = (total - prefill).max(1e-9);
+    println!(
+        "model: {name} batch: {} prompt_tokens: {} new_tokens: {} prefill_s: {prefill:.3} decode_s: {decode_s:.3}",
+        a.batch, a.prompt_tokens, a.new_tokens
+    );
+    println!("tokens_per_s: {:.2}", n as f64 / decode_s);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn logits(a: LogitsArgs) -> anyhow::Result<ExitCode> {
+    let name = model_or_default(&a.model_name_or_path);
+    let p = llmtune_models::load_pretrained(&name, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading {name}"))?;
+    let inputs = candle_core::safetensors::load(&a.ids, &Device::Cpu)
+        .with_context(|| format!("reading {}", a.ids.display()))?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let mut i = 0;
+    while let Some(ids) = inputs.get(&format!("ids.{i}")) {
+        let ids = ids.to_dtype(DType::U32)?.flatten_all()?.unsqueeze(0)?;
+        let (l, _) = p.model.forward(&ids, None, None, None)?;
+        out.insert(format!("logits.{i}"), l.squeeze(0)?.to_dtype(DType::F32)?);
+        i += 1;
+    }
+    anyhow::ensure!(i > 0, "{}: no tensor named ids.0", a.ids.display());
+    candle_core::safetensors::save(&out, &a.out)?;
+    eprintln!("wrote {} sequences' logits to {}", i, a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,180 @@
+//! The `llmtune` binary end to end on the tiny fixture models (no network).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llmtune"))
+}
+
+fn fixtures() -> Option<PathBuf> {
+    match std::env::var_os("LLMTUNE_FIXTURES") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("skipped: LLMTUNE_FIXTURES not set");
+            None
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let o = cmd.output().expect("run llmtune");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generate_greedy_equals_the_reference_generation() {
+    let Some(fx) = fixtures() else { return };
+    let dir = fx.join("qwen2");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let g = &cases["generation"][0];
+    // The fixture prompt is `<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n`: exactly our
+    // chatml template around the question.
+    let (code, out, err) = run(bin().args([
+        "generate",
+        "--model_name_or_path",
+        dir.to_str().unwrap(),
+        "--template",
+        "chatml",
+        "--do_sample",
+        "false",
+        "--max_new_tokens",
+        "24",
+        "--prompt",
+        g["question"].as_str().unwrap(),
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let expected = g["generated_text"].as_str().unwrap();
+    assert_eq!(
+        out.trim_end_matches('\n'),
+        expected.trim_end_matches("<|im_end|>"),
+        "stderr: {err}"
+    );
+}
+
+#[test]
+fn unknown_model_is_a_clear_error() {
+    let (code, _, err) = run(bin().args([
+        "generate",
+        "--model_name_or_path",
+        "/no/such/model",
+        "--prompt",
+        "hi",
+    ]));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/no/such/model") && err.contains("smollm2-135m"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_template_for_the_tokenizer_is_a_clear_error() {
+    let Some(fx) = fixtures() else { return };
+    let (code, _, err) = run(bin().args([
+        "generate",
+        "--model_name_or_path",
+        fx.join("llama").to_str().unwrap(),
+        "--template",
+        "chatglm",
+        "--prompt",
+        "hi",
+    ]));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("template `chatglm` needs the token `[gMASK]`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_flag_values_name_the_flag() {
+    let (code, _, err) = run(bin().args(["generate", "--prompt", "hi", "--do_sample", "maybe"]));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--do_sample") && err.contains("not a boolean"),
+        "{err}"
+    );
+    let (code, _, err) =
+        run(bin().args(["generate", "--prompt", "hi", "--max_new_tokens", "many"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("--max_new_tokens"), "{err}");
+}
+
+#[test]
+fn unimplemented_subcommands_exit_2() {
+    let (code, _, err) = run(bin().args(["chat"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("not yet implemented"), "{err}");
+}
+
+#[test]
+fn eval_preds_scores_a_file() {
+    let dir = std::env::temp_dir().join(format!("llmtune-evalpreds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("generated_predictions.jsonl");
+    std::fs::write(
+        &f,
+        "{\"label\": \"多喝水，注意休息。\", \"predict\": \"多喝水，注意休息。\"}\n{\"label\": \"建议复查血常规\", \"predict\": \"\"}\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(bin().args(["eval-preds", f.to_str().unwrap()]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bleu-4") || out.contains("BLEU"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("eval_preds_results.json")).unwrap(),
+    )
+    .unwrap();
+    // One exact copy (100 on every score) and one empty prediction (0): means are 50.
+    for k in [
+        "predict_bleu-4",
+        "predict_rouge-1",
+        "predict_rouge-2",
+        "predict_rouge-l",
+    ] {
+        assert_eq!(v[k].as_f64().unwrap(), 50.0, "{k} in {v}");
+    }
+    // A missing field is named with its line.
+    std::fs::write(&f, "{\"label\": \"a\"}\n").unwrap();
+    let (code, _, err) = run(bin().args(["eval-preds", f.to_str().unwrap()]));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("generated_predictions.jsonl:1") && err.contains("predict"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn data_inspect_counts_the_example_data() {
+    let Some(fx) = fixtures() else { return };
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/example");
+    let (code, out, err) = run(bin().args([
+        "data",
+        "inspect",
+        "--dataset",
+        "example_sft",
+        "--dataset_dir",
+        data.to_str().unwrap(),
+        "--model_name_or_path",
+        fx.join("llama").to_str().unwrap(),
+        "--template",
+        "chatml",
+        "--overwrite_cache",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let n = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(data.join("example_sft.json")).unwrap(),
+    )
+    .unwrap()
+    .as_array()
+    .unwrap()
+    .len();
+    assert!(out.contains(&format!("{n} kept")), "{out}");
+    assert!(out.contains("⟦"), "label mask shown: {out}");
+}

@@ -1,0 +1,1 @@
+//! Not yet implemented: trainer and stage recipes (work in progress).

@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of llmtune against the tools users know (issue 10):
+#   * one LoRA training step: `llmtune bench train` vs PyTorch eager + PEFT
+#     (`$LLMTUNE_SHARED/tools/torch_lora_bench.py`, run unchanged, same flags);
+#   * greedy decode at batch 1 on the SmolLM2-135M GGUF: `llmtune bench decode` vs llama.cpp's
+#     `llama-bench` (built from the llama.cpp that the PyPI sdist of llama-cpp-python vendors).
+#
+# Usage:
+#   scripts/bench_vs_torch.sh [--shape smollm2-135m] [--batch 4] [--seq 256] [--lora_rank 8]
+#       [--lora_target q_proj,v_proj] [--steps 3] [--dtype f32|bf16] [--device cpu|cuda]
+#       [--threads 2] [--model PATH.gguf] [--new_tokens 128] [--skip_train] [--skip_decode]
+#
+# The last three lines are machine-readable (ours / theirs; higher is better for the first and
+# third, lower for the second; `n/a` where our side exits 2, i.e. not yet implemented):
+#   train_ratio_vs_torch: X       (tokens/s of llmtune / tokens/s of PyTorch)
+#   rss_ratio_vs_torch: Y         (peak RSS of llmtune / peak RSS of PyTorch; peak CUDA memory on cuda)
+#   decode_ratio_vs_llamacpp: Z   (decode tokens/s of llmtune / llama-bench's tg tokens/s)
+#
+# Sets up what it lacks (PyPI and Debian only; nothing of it lands in the repo):
+#   * REF_VENV (default <repo>/.venv-ref, git-ignored): a venv with torch, transformers, peft;
+#   * LLAMA_BENCH (default $BENCH_CACHE/llama.cpp-<ver>/build/bin/llama-bench, with
+#     BENCH_CACHE=~/.cache/llmtune-bench): `pip download --no-binary llama-cpp-python
+#     llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION` (default 0.3.36, which vendors llama.cpp
+#     0c1e57098), then cmake (Release, CPU, -DGGML_NATIVE=ON) of vendor/llama.cpp, target
+#     llama-bench only; cmake comes from apt or, failing that, from PyPI into REF_VENV;
+#   * LLMTUNE_BIN (default <repo>/target/release/llmtune): `cargo build --release -p llmtune-cli`
+#     (with `--features cuda` for --device cuda) when missing;
+#   * the GGUF (default $LLMTUNE_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf, LLMTUNE_HOME default
+#     ~/.cache/llmtune): fetched by llmtune's own `smollm2-135m` alias when missing.
+# LLMTUNE_SHARED (default <repo>/../shared) must hold tools/torch_lora_bench.py.
+#
+# Threads: torch gets --threads, llama-bench -t, llmtune RAYON_NUM_THREADS. Decode runs on CPU
+# (llama.cpp is built CPU-only); llama-bench's tg test decodes --new_tokens tokens from an empty
+# context, ours after a 16-token prompt with prefill excluded. On a shared machine, look at the
+# load average printed before each run.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LLMTUNE_SHARED="${LLMTUNE_SHARED:-$REPO/../shared}"
+REF_VENV="${REF_VENV:-$REPO/.venv-ref}"
+BENCH_CACHE="${BENCH_CACHE:-$HOME/.cache/llmtune-bench}"
+LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+LLAMA_SRC="$BENCH_CACHE/llama.cpp-$LLAMA_CPP_PYTHON_VERSION"
+LLAMA_BENCH="${LLAMA_BENCH:-$LLAMA_SRC/build/bin/llama-bench}"
+LLMTUNE_BIN="${LLMTUNE_BIN:-$REPO/target/release/llmtune}"
+export LLMTUNE_HOME="${LLMTUNE_HOME:-$HOME/.cache/llmtune}"
+
+SHAPE=smollm2-135m BATCH=4 SEQ=256 RANK=8 TARGET=q_proj,v_proj STEPS=3 DTYPE=f32 DEVICE=cpu
+THREADS=2 MODEL="" NEW_TOKENS=128 DO_TRAIN=1 DO_DECODE=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --shape) SHAPE="$2"; shift 2 ;;
+    --batch) BATCH="$2"; shift 2 ;;
+    --seq) SEQ="$2"; shift 2 ;;
+    --lora_rank) RANK="$2"; shift 2 ;;
+    --lora_target) TARGET="$2"; shift 2 ;;
+    --steps) STEPS="$2"; shift 2 ;;
+    --dtype) DTYPE="$2"; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
+    --threads) THREADS="$2"; shift 2 ;;
+    --model) MODEL="$2"; shift 2 ;;
+    --new_tokens) NEW_TOKENS="$2"; shift 2 ;;
+    --skip_train) DO_TRAIN=0; shift ;;
+    --skip_decode) DO_DECODE=0; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench_vs_torch.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
+  esac
+done
+
+log() { echo "== $*" >&2; }
+load() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || uptime; }
+
+# ---------------------------------------------------------------- setup
+ensure_venv() {
+  local py="$REF_VENV/bin/python"
+  if [[ -x "$py" ]] && "$py" -c "import torch, transformers, peft" 2>/dev/null; then return; fi
+  log "creating $REF_VENV (torch, transformers, peft from PyPI; about 6 GB, several minutes)"
+  python3 -m venv "$REF_VENV"
+  "$REF_VENV/bin/pip" install --quiet torch transformers peft safetensors numpy
+}
+
+ensure_cmake() {
+  if command -v cmake >/dev/null; then CMAKE=cmake; return; fi
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    log "installing cmake with apt-get"
+    apt-get update -qq && apt-get install -y -qq cmake >/dev/null && { CMAKE=cmake; return; }
+  fi
+  ensure_venv
+  log "installing cmake from PyPI into $REF_VENV"
+  "$REF_VENV/bin/pip" install --quiet cmake
+  CMAKE="$REF_VENV/bin/cmake"
+}
+
+ensure_llama_bench() {
+  if [[ -x "$LLAMA_BENCH" ]]; then return; fi
+  local dl="$BENCH_CACHE/dl"
+  mkdir -p "$dl"
+  if [[ ! -f "$LLAMA_SRC/CMakeLists.txt" ]]; then
+    log "fetching the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist from PyPI"
+    # --no-binary for this package only: the build requirements (cmake, ninja) stay wheels.
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$dl"
+    rm -rf "$dl/src" && mkdir -p "$dl/src"
+    tar xzf "$dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$dl/src"
+    rm -rf "$LLAMA_SRC"
+    mv "$dl/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$LLAMA_SRC"
+    # The sdist has no .git: keep the vendored commit from its changelog for the build info.
+    grep -m1 -o 'llama.cpp@[0-9a-f]*' "$dl/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/CHANGELOG.md" \
+      | cut -d@ -f2 > "$LLAMA_SRC/VENDORED_COMMIT" || true
+    rm -rf "$dl/src"
+  fi
+  ensure_cmake
+  local commit
+  commit="$(cat "$LLAMA_SRC/VENDORED_COMMIT" 2>/dev/null || echo unknown)"
+  log "building llama-bench (llama.cpp $commit; a few minutes on 2 cores)"
+  "$CMAKE" -S "$LLAMA_SRC" -B "$LLAMA_SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_COMMIT="$commit" -DLLAMA_BUILD_NUMBER=0 >/dev/null
+  "$CMAKE" --build "$LLAMA_SRC/build" -j"$(nproc)" --target llama-bench >/dev/null
+}
+
+ensure_llmtune() {
+  if [[ -x "$LLMTUNE_BIN" ]]; then return; fi
+  log "building $LLMTUNE_BIN"
+  local feat=()
+  [[ "$DEVICE" == cuda ]] && feat=(--features cuda)
+  (cd "$REPO" && cargo build --release -p llmtune-cli "${feat[@]}")
+  LLMTUNE_BIN="$REPO/target/release/llmtune"
+}
+
+ensure_model() {
+  if [[ -z "$MODEL" ]]; then MODEL="$LLMTUNE_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf"; fi
+  if [[ -f "$MODEL" ]]; then return; fi
+  log "fetching the SmolLM2-135M GGUF through llmtune's smollm2-135m alias"
+  "$LLMTUNE_BIN" generate --model_name_or_path smollm2-135m --do_sample false \
+    --max_new_tokens 1 --prompt hi >/dev/null
+  [[ -f "$MODEL" ]] || { echo "bench_vs_torch.sh: no model at $MODEL" >&2; exit 1; }
+}
+
+# ---------------------------------------------------------------- helpers
+# field NAME LINE: the number after "NAME:" in LINE.
+field() { sed -n "s/.*$1: *\([0-9.eE+-]*\).*/\1/p" <<<"$2"; }
+# ratio A B: A/B with 3 decimals, or n/a when either is empty.
+ratio() {
+  if [[ -z "$1" || -z "$2" ]]; then echo n/a; return; fi
+  awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.3f\n", a / b }'
+}
+FAILED=0
+# run_ours VAR CMD...: runs our side, stores its last "tokens_per_s:" line in VAR ("" when exit 2).
+run_ours() {
+  local var="$1"; shift
+  local out rc=0
+  out="$(RAYON_NUM_THREADS="$THREADS" "$@" 2>&1)" || rc=$?
+  printf '%s\n' "$out" | tail -n 5 >&2
+  if [[ $rc == 2 ]]; then
+    log "llmtune exited 2 (not yet implemented): n/a"
+    printf -v "$var" '%s' ""
+  elif [[ $rc != 0 ]]; then
+    log "llmtune failed (exit $rc)"; FAILED=1
+    printf -v "$var" '%s' ""
+  else
+    printf -v "$var" '%s' "$(grep 'tokens_per_s:' <<<"$out" | tail -n 1)"
+  fi
+}
+
+# ---------------------------------------------------------------- train step
+TORCH_TPS="" TORCH_RSS="" OURS_TPS="" OURS_RSS=""
+if [[ $DO_TRAIN == 1 ]]; then
+  TORCH_BENCH="$LLMTUNE_SHARED/tools/torch_lora_bench.py"
+  [[ -f "$TORCH_BENCH" ]] || { echo "bench_vs_torch.sh: $TORCH_BENCH not found (set LLMTUNE_SHARED)" >&2; exit 1; }
+  ensure_venv
+  ensure_llmtune
+  FLAGS=(--shape "$SHAPE" --batch "$BATCH" --seq "$SEQ" --lora_rank "$RANK" --lora_target "$TARGET"
+         --steps "$STEPS" --dtype "$DTYPE" --device "$DEVICE")
+  log "torch: torch_lora_bench.py ${FLAGS[*]} --threads $THREADS (load $(load))"
+  TORCH_LINE="$("$REF_VENV/bin/python" "$TORCH_BENCH" "${FLAGS[@]}" --threads "$THREADS" | tee /dev/stderr | tail -n 1)"
+  TORCH_TPS="$(field tokens_per_s "$TORCH_LINE")"; TORCH_RSS="$(field peak_rss_mb "$TORCH_LINE")"
+  log "llmtune: bench train ${FLAGS[*]} (load $(load))"
+  run_ours OURS_LINE "$LLMTUNE_BIN" bench train "${FLAGS[@]}"
+  OURS_TPS="$(field tokens_per_s "$OURS_LINE")"; OURS_RSS="$(field peak_rss_mb "$OURS_LINE")"
+  echo "torch:   ${TORCH_LINE}"
+  echo "llmtune: ${OURS_LINE:-n/a}"
+fi
+
+# ---------------------------------------------------------------- decode
+LLAMA_TPS="" OURS_DEC=""
+if [[ $DO_DECODE == 1 ]]; then
+  ensure_llmtune
+  ensure_model
+  ensure_llama_bench
+  log "llama.cpp: llama-bench -m $MODEL -t $THREADS -p 0 -n $NEW_TOKENS -r 3 (load $(load))"
+  LLAMA_JSON="$("$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p 0 -n "$NEW_TOKENS" -r 3 -o json 2>/dev/null)"
+  LLAMA_TPS="$(python3 -c 'import json,sys; r=json.load(sys.stdin); print(r[0]["avg_ts"])' <<<"$LLAMA_JSON")"
+  log "llmtune: bench decode --model_name_or_path $MODEL --batch 1 --new_tokens $NEW_TOKENS (load $(load))"
+  run_ours OURS_DEC_LINE "$LLMTUNE_BIN" bench decode --model_name_or_path "$MODEL" --batch 1 --new_tokens "$NEW_TOKENS"
+  OURS_DEC="$(field tokens_per_s "$OURS_DEC_LINE")"
+  echo "llama.cpp decode tokens_per_s: $LLAMA_TPS"
+  echo "llmtune decode tokens_per_s: ${OURS_DEC:-n/a}"
+fi
+
+echo "train_ratio_vs_torch: $(ratio "$OURS_TPS" "$TORCH_TPS")"
+echo "rss_ratio_vs_torch: $(ratio "$OURS_RSS" "$TORCH_RSS")"
+echo "decode_ratio_vs_llamacpp: $(ratio "$OURS_DEC" "$LLAMA_TPS")"
+exit "$FAILED"
