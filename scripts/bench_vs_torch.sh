@@ -188,8 +188,14 @@ if [[ $DO_DECODE == 1 ]]; then
   ensure_llmtune
   ensure_model
   ensure_llama_bench
-  log "llama.cpp: llama-bench -m $MODEL -t $THREADS -p 0 -n $NEW_TOKENS -r 3 (load $(load))"
-  LLAMA_JSON="$("$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p 0 -n "$NEW_TOKENS" -r 3 -o json 2>/dev/null)"
+  LB_ARGS=(-m "$MODEL" -t "$THREADS" -p 0 -n "$NEW_TOKENS" -r 3 -o json)
+  log "llama.cpp: llama-bench ${LB_ARGS[*]} (load $(load))"
+  if ! LLAMA_JSON="$("$LLAMA_BENCH" "${LB_ARGS[@]}" 2>/dev/null)"; then
+    # This llama.cpp's AMX kernels can die of SIGILL in worker threads (tile config/permission
+    # set on the main thread only); --repack 0 keeps the weights out of the AMX buffer type.
+    log "llama-bench failed; again with --repack 0 (no AMX/repacked weights)"
+    LLAMA_JSON="$("$LLAMA_BENCH" "${LB_ARGS[@]}" --repack 0 2>/dev/null)"
+  fi
   LLAMA_TPS="$(python3 -c 'import json,sys; r=json.load(sys.stdin); print(r[0]["avg_ts"])' <<<"$LLAMA_JSON")"
   log "llmtune: bench decode --model_name_or_path $MODEL --batch 1 --new_tokens $NEW_TOKENS (load $(load))"
   run_ours OURS_DEC_LINE "$LLMTUNE_BIN" bench decode --model_name_or_path "$MODEL" --batch 1 --new_tokens "$NEW_TOKENS"

@@ -11,7 +11,7 @@ mod cmd;
 /// with BLEU/ROUGE, chat, an OpenAI-compatible server and export. The commands of
 /// ChatGLM-Efficient-Tuning run with `python src/train_bash.py` replaced by `llmtune train`.
 #[derive(Parser, Debug)]
-#[command(name = "llmtune", version, about, long_about = None)]
+#[command(name = "llmtune", version, about, long_about = None, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train or evaluate a model (stages sft, rm, ppo), with the reference's flags.
-    Train(cmd::train::TrainCmd),
+    Train(Box<cmd::train::TrainArgs>),
     /// Generate a reply to one prompt (no adapter training).
     Generate(cmd::generate::GenerateArgs),
     /// Streaming terminal chat with a model and its adapters.
@@ -41,7 +41,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match cmd::train::expand_config_file(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LLMTUNE_LOG")
@@ -50,7 +57,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Train(a) => cmd::train::run(a),
+        Command::Train(a) => cmd::train::run(*a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(_) => cmd::stub::not_yet("chat"),
         Command::Api(_) => cmd::stub::not_yet("api"),

@@ -218,20 +218,19 @@ impl Attention {
             .q_proj
             .forward(x)?
             .reshape((b, t, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .transpose(1, 2)?;
         let k = self
             .k_proj
             .forward(x)?
             .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+            .transpose(1, 2)?;
         let v = self
             .v_proj
             .forward(x)?
             .reshape((b, t, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
+        // rope reads the transposed views in place and writes contiguous results.
         let q = llmtune_ops::rope(&q, cos, sin)?;
         let mut k = llmtune_ops::rope(&k, cos, sin)?;
         let mut v = v;
@@ -246,10 +245,10 @@ impl Attention {
         let total = k.dim(2)?;
         let rep = h / kvh;
         // Group the query heads that share a KV head: [b, kvh, rep*t, d].
-        let q = (q * (1.0 / (d as f64).sqrt()))?.reshape((b, kvh, rep * t, d))?;
+        let q = q.reshape((b, kvh, rep * t, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = llmtune_ops::softmax_last_dim(&scores)?;
+        // softmax(scores / sqrt(d) + mask), fused: no gradient is stored for the mask.
+        let probs = llmtune_ops::masked_softmax(&scores, Some(mask), 1.0 / (d as f64).sqrt())?;
         let probs = probs.reshape((b, kvh, rep * t, total))?;
         let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;

@@ -121,8 +121,8 @@ fn check_generation(arch: &str) {
             .unwrap();
         let step_ref = &c[&format!("gen.{g}.step_logits")];
         let mut produced = Vec::new();
-        let mut total = prompt.len();
         for step in 0..expected.len() {
+            let total = prompt.len() + step;
             let mask = Tensor::ones((1, total), DType::U32, &Device::Cpu).unwrap();
             let logits = model
                 .forward_last(&input, Some(&mask), Some(&mut cache))
@@ -159,7 +159,6 @@ fn check_generation(arch: &str) {
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            total += 1;
         }
         assert_eq!(produced, expected, "{arch} gen {g}: greedy tokens");
         eprintln!("{arch}: gen {g}: {} tokens equal", produced.len());

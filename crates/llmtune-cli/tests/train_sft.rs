@@ -1,0 +1,341 @@
+//! `llmtune train --stage sft` end to end on the tiny fixture model and the project's example
+//! data: every output file, loss values, predict with scores, and exact resume after kill -9.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> Option<PathBuf> {
+    match std::env::var_os("LLMTUNE_FIXTURES") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("skipped: LLMTUNE_FIXTURES not set");
+            None
+        }
+    }
+}
+
+fn example_data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/example")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("llmtune-sft-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn sft_args(model: &Path, out: &Path, max_steps: u32) -> Vec<String> {
+    [
+        "train",
+        "--stage",
+        "sft",
+        "--do_train",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--template",
+        "chatml",
+        "--dataset",
+        "example_sft",
+        "--dataset_dir",
+        example_data().to_str().unwrap(),
+        "--finetuning_type",
+        "lora",
+        "--lora_rank",
+        "4",
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--overwrite_cache",
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_source_length",
+        "64",
+        "--max_target_length",
+        "32",
+        "--lr_scheduler_type",
+        "cosine",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "3",
+        "--eval_steps",
+        "3",
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        &max_steps.to_string(),
+        "--dev_ratio",
+        "0.1",
+        "--evaluation_strategy",
+        "steps",
+        "--load_best_model_at_end",
+        "--plot_loss",
+        "--seed",
+        "7",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(
+        ["--lora_dropout", "0.1", "--max_samples", "40"]
+            .iter()
+            .map(|s| s.to_string()),
+    )
+    .collect()
+}
+
+fn run(args: &[String]) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
+        .args(args)
+        .env(
+            "LLMTUNE_HOME",
+            std::env::temp_dir().join("llmtune-test-home"),
+        )
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}
+
+#[test]
+fn sft_writes_every_file_and_predict_scores() {
+    let Some(fx) = fixtures() else { return };
+    let model = fx.join("llama");
+    let out = tmp("full");
+    let (code, err) = run(&sft_args(&model, &out, 6));
+    assert_eq!(code, 0, "{err}");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "trainer_log.jsonl",
+        "trainer_state.json",
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+        "training_args.json",
+        "finetuning_args.json",
+        "training_loss.png",
+        "training_eval_loss.png",
+        "checkpoint-3/adapter_model.safetensors",
+        "checkpoint-6/optimizer.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "missing {f}; stderr: {err}");
+    }
+    let png = std::fs::read(out.join("training_loss.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("trainer_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 6, "one loss line per step: {lines:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.get("eval_loss").is_some())
+            .count(),
+        2
+    );
+    assert_eq!(lines.last().unwrap()["current_steps"], 6);
+    assert_eq!(lines.last().unwrap()["total_steps"], 6);
+    let all = read_json(&out.join("all_results.json"));
+    assert!(all["train_loss"].as_f64().unwrap().is_finite(), "{all}");
+    assert!(all["eval_loss"].as_f64().unwrap().is_finite(), "{all}");
+    let state = read_json(&out.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 6);
+    assert!(state["best_model_checkpoint"]
+        .as_str()
+        .unwrap()
+        .contains("checkpoint-"));
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["peft_type"], "LORA");
+
+    // Predict with the trained adapter merged: 5 lines, scores in predict_results.json.
+    let pred = tmp("pred");
+    let args: Vec<String> = [
+        "train",
+        "--stage",
+        "sft",
+        "--do_predict",
+        "--predict_with_generate",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--template",
+        "chatml",
+        "--dataset",
+        "example_sft",
+        "--dataset_dir",
+        example_data().to_str().unwrap(),
+        "--checkpoint_dir",
+        out.to_str().unwrap(),
+        "--output_dir",
+        pred.to_str().unwrap(),
+        "--per_device_eval_batch_size",
+        "2",
+        "--max_source_length",
+        "64",
+        "--max_target_length",
+        "8",
+        "--max_samples",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (code, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(pred.join("generated_predictions.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 5);
+    assert!(rows
+        .iter()
+        .all(|r| r["label"].is_string() && r["predict"].is_string()));
+    let res = read_json(&pred.join("predict_results.json"));
+    for k in [
+        "predict_bleu-4",
+        "predict_rouge-1",
+        "predict_rouge-2",
+        "predict_rouge-l",
+        "predict_runtime",
+    ] {
+        assert!(res[k].as_f64().is_some(), "{k} in {res}");
+    }
+    // eval-preds on the same file gives the same scores.
+    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
+        .args([
+            "eval-preds",
+            pred.join("generated_predictions.jsonl").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let again = read_json(&pred.join("eval_preds_results.json"));
+    for k in [
+        "predict_bleu-4",
+        "predict_rouge-1",
+        "predict_rouge-2",
+        "predict_rouge-l",
+    ] {
+        assert_eq!(again[k], res[k], "{k}");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&pred).unwrap();
+}
+
+#[test]
+fn resume_after_kill_is_bit_identical() {
+    let Some(fx) = fixtures() else { return };
+    let model = fx.join("qwen2");
+    let straight = tmp("straight");
+    let (code, err) = run(&sft_args(&model, &straight, 6));
+    assert_eq!(code, 0, "{err}");
+    // Interrupted run: start, wait for checkpoint-3, kill -9, resume.
+    let broken = tmp("broken");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
+        .args(sft_args(&model, &broken, 6))
+        .env(
+            "LLMTUNE_HOME",
+            std::env::temp_dir().join("llmtune-test-home"),
+        )
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !broken.join("checkpoint-3").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint-3 appeared"
+        );
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    let mut args = sft_args(&model, &broken, 6);
+    args.extend(["--resume_from_checkpoint".into(), "true".into()]);
+    let (code, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    let a = std::fs::read(straight.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(broken.join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed adapter differs from the uninterrupted one");
+    std::fs::remove_dir_all(&straight).unwrap();
+    std::fs::remove_dir_all(&broken).unwrap();
+}
+
+#[test]
+fn bad_train_flags_name_the_flag() {
+    let (code, err) = run(&[
+        "train".into(),
+        "--stage".into(),
+        "sft".into(),
+        "--do_train".into(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--dataset is required"), "{err}");
+    let (code, err) = run(&[
+        "train".into(),
+        "--stage".into(),
+        "sft".into(),
+        "--do_train".into(),
+        "--predict_with_generate".into(),
+        "--dataset".into(),
+        "x".into(),
+        "--output_dir".into(),
+        "/tmp/x".into(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--predict_with_generate cannot be used with --do_train"),
+        "{err}"
+    );
+    let (code, err) = run(&["train".into(), "--lora_rank".into(), "eight".into()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--lora_rank"), "{err}");
+    let (code, err) = run(&["train".into(), "--no_such_flag".into(), "1".into()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--no_such_flag"), "{err}");
+}
+
+#[test]
+fn config_file_is_read_and_flags_override_it() {
+    let dir = tmp("cfg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("sft.yaml");
+    std::fs::write(&f, "stage: sft\ndo_train: true\n# a comment\ndataset: nope_dataset\ndataset_dir: /nonexistent\n").unwrap();
+    let (code, err) = run(&[
+        "train".into(),
+        f.to_str().unwrap().into(),
+        "--output_dir".into(),
+        dir.join("out").to_str().unwrap().into(),
+        "--model_name_or_path".into(),
+        "/nonexistent-model".into(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent-model"),
+        "the command-line model is used: {err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,195 @@
+//! `x @ w^T (+ b)` as custom ops whose backward computes only the gradients that are needed.
+//!
+//! * [`FrozenLinear`] (a `CustomOp1` on `x`) holds a weight that is not tracked by autograd
+//!   (a frozen base weight in LoRA training). Its backward returns `grad @ w` and nothing else:
+//!   no `[out, in]` weight gradient is computed or stored.
+//! * [`TrainLinear`] (a `CustomOp2` on `(x, w)`) is used when `w` is tracked (full
+//!   fine-tuning, LoRA matrices). Its backward computes `grad^T @ x` for `w`, and `grad @ w`
+//!   for `x` only when `x` is tracked.
+//!
+//! An untracked bias is added inside the op (no gradient, no temporary); a tracked bias is
+//! added outside with candle's `broadcast_add`, which gives it its gradient.
+//!
+//! The forward calls the storage's own `matmul` (`BackendStorage::matmul`) with the weight's
+//! transposed layout, so the same code runs on every backend candle supports (CPU gemm,
+//! cuBLAS with the `cuda` feature).
+
+use crate::cpu::for_each_row;
+use candle_core::backend::BackendStorage;
+use candle_core::op::Add;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor,
+};
+
+/// `y = x @ w^T (+ b)` for a frozen `w` (`[out, in]`), applied to a 2-D `x` (`[m, in]`).
+pub(crate) struct FrozenLinear {
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
+}
+
+/// `y = x @ w^T (+ b)` for a tracked `w`; `b` (if any) is frozen.
+pub(crate) struct TrainLinear {
+    pub(crate) b: Option<Tensor>,
+}
+
+/// The forward on any backend: `x [m, k] @ w^T` with `w [n, k]`, plus the bias.
+fn fwd_generic<S: BackendStorage>(
+    x: &S,
+    xl: &Layout,
+    w: &S,
+    wl: &Layout,
+    b: Option<(&S, &Layout)>,
+) -> Result<(S, Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, k2) = wl.shape().dims2()?;
+    if k != k2 {
+        bail!("linear: input has {k} features but the weight is [{n}, {k2}]")
+    }
+    let wt = wl.transpose(0, 1)?;
+    let y = x.matmul(w, (1, m, n, k), xl, &wt)?;
+    let y = match b {
+        None => y,
+        Some((bs, bl)) => {
+            let yl = Layout::contiguous((m, n));
+            y.binary_impl::<Add>(bs, &yl, &bl.broadcast_as((m, n))?)?
+        }
+    };
+    Ok((y, Shape::from((m, n))))
+}
+
+/// The CPU forward: the matmul, then the bias added in place (no second `[m, n]` buffer).
+fn fwd_cpu(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    b: Option<&Tensor>,
+) -> Result<(CpuStorage, Shape)> {
+    let (mut y, shape) = fwd_generic(x, xl, w, wl, None)?;
+    if let Some(b) = b {
+        let n = shape.dims()[1];
+        crate::cpu::with_cpu(b, "linear", |bs, bl| {
+            let bias_off = bl.start_offset();
+            if bl.dims() != [n] || (n > 1 && bl.stride() != [1]) {
+                bail!(
+                    "linear: bias must be a contiguous [{n}] tensor, got {:?}",
+                    bl.dims()
+                )
+            }
+            macro_rules! add_bias {
+                ($yv:expr, $bv:expr) => {{
+                    let bv = &$bv[bias_off..bias_off + n];
+                    for_each_row($yv, n, |_, row| {
+                        for (o, &bb) in row.iter_mut().zip(bv) {
+                            *o += bb;
+                        }
+                    });
+                }};
+            }
+            match (&mut y, bs) {
+                (CpuStorage::F32(yv), CpuStorage::F32(bv)) => add_bias!(yv, bv),
+                (CpuStorage::F64(yv), CpuStorage::F64(bv)) => add_bias!(yv, bv),
+                (CpuStorage::BF16(yv), CpuStorage::BF16(bv)) => add_bias!(yv, bv),
+                (CpuStorage::F16(yv), CpuStorage::F16(bv)) => add_bias!(yv, bv),
+                (y, b) => bail!(
+                    "linear: bias dtype {:?} does not match {:?}",
+                    b.dtype(),
+                    y.dtype()
+                ),
+            }
+            Ok(())
+        })?;
+    }
+    Ok((y, shape))
+}
+
+/// Runs `f` with the CUDA storage of `t` (errors on other devices).
+fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(s) => f(s, l),
+        _ => bail!("linear: weight and input are on different devices"),
+    }
+}
+
+/// The CUDA forward (compiles against candle's dummy CUDA backend without the `cuda` feature,
+/// where it is never reached).
+fn fwd_cuda(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    b: Option<&Tensor>,
+) -> Result<(CudaStorage, Shape)> {
+    match b {
+        None => fwd_generic(x, xl, w, wl, None),
+        Some(b) => with_cuda(b, |bs, bl| fwd_generic(x, xl, w, wl, Some((bs, bl)))),
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        crate::cpu::with_cpu(&self.w, "linear", |ws, wl| {
+            fwd_cpu(s, l, ws, wl, self.b.as_ref())
+        })
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        with_cuda(&self.w, |ws, wl| fwd_cuda(s, l, ws, wl, self.b.as_ref()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // [m, n] @ [n, k]; `w` is not tracked, so this records no graph.
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+impl CustomOp2 for TrainLinear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fwd_cpu(xs, xl, ws, wl, self.b.as_ref())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fwd_cuda(xs, xl, ws, wl, self.b.as_ref())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(grad.matmul(&w.detach())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(grad.t()?.matmul(&x.detach())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}

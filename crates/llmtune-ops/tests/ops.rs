@@ -1,0 +1,607 @@
+//! Every fast op against its composite reference (forward and gradients, f32, contiguous and
+//! strided inputs) and against central finite differences in f64.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use common::{compare, grad_check, rand_t, rel_diff};
+use llmtune_ops as ops;
+use llmtune_ops::reference;
+
+/// Relative tolerance against the reference in f32.
+const TOL_REF: f64 = 1e-5;
+/// Tolerance of the f64 finite-difference checks.
+const TOL_FD: f64 = 1e-7;
+
+// ---------------------------------------------------------------- rms_norm
+
+/// A view applied to the leaves before the op (so that gradients flow back through it).
+type LeafView = fn(&[Tensor]) -> Result<Tensor>;
+/// A view of one tensor.
+type View = fn(&Tensor) -> Result<Tensor>;
+
+fn rms_cases() -> Vec<(&'static str, Vec<Tensor>, LeafView)> {
+    fn contiguous(t: &[Tensor]) -> Result<Tensor> {
+        Ok(t[0].clone())
+    }
+    fn transposed(t: &[Tensor]) -> Result<Tensor> {
+        t[0].transpose(0, 1) // [4, 3, 16] -> [3, 4, 16], rows not uniformly spaced
+    }
+    fn narrowed(t: &[Tensor]) -> Result<Tensor> {
+        t[0].narrow(D::Minus1, 2, 16) // row stride 20
+    }
+    fn col_major(t: &[Tensor]) -> Result<Tensor> {
+        t[0].t() // [16, 6] -> [6, 16], last dim not contiguous
+    }
+    vec![
+        (
+            "contiguous",
+            vec![rand_t(&[3, 4, 16], 1, 2.0), rand_t(&[16], 2, 1.5)],
+            contiguous,
+        ),
+        (
+            "transposed",
+            vec![rand_t(&[4, 3, 16], 3, 2.0), rand_t(&[16], 4, 1.5)],
+            transposed,
+        ),
+        (
+            "narrowed",
+            vec![rand_t(&[3, 4, 20], 5, 2.0), rand_t(&[16], 6, 1.5)],
+            narrowed,
+        ),
+        (
+            "last-dim-strided",
+            vec![rand_t(&[16, 6], 7, 2.0), rand_t(&[16], 8, 1.5)],
+            col_major,
+        ),
+        (
+            "one-row",
+            vec![rand_t(&[1, 7], 9, 2.0), rand_t(&[7], 10, 1.5)],
+            contiguous,
+        ),
+    ]
+}
+
+#[test]
+fn rms_norm_matches_reference_and_finite_differences() -> Result<()> {
+    for (name, inputs, view) in rms_cases() {
+        let fast = |t: &[Tensor]| ops::rms_norm(&view(t)?, &t[1], 1e-6);
+        let refr = |t: &[Tensor]| reference::rms_norm(&view(t)?, &t[1], 1e-6);
+        for tracked in [[true, true], [true, false], [false, true]] {
+            compare(
+                &format!("rms_norm {name} {tracked:?}"),
+                &inputs,
+                &tracked,
+                &fast,
+                &refr,
+                TOL_REF,
+            )?;
+        }
+        grad_check(
+            &format!("rms_norm {name}"),
+            &inputs,
+            &[true, true],
+            &fast,
+            TOL_FD,
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- rope
+
+/// `cos`/`sin` of `[b, t, half]` angles `pos * theta^(-i/half)`.
+fn cos_sin(b: usize, t: usize, half: usize, offset: usize) -> Result<(Tensor, Tensor)> {
+    let mut ang = Vec::with_capacity(b * t * half);
+    for bi in 0..b {
+        for ti in 0..t {
+            for i in 0..half {
+                let pos = (ti + bi * offset) as f64;
+                ang.push(pos * 10000f64.powf(-(i as f64) / half as f64));
+            }
+        }
+    }
+    let a = Tensor::from_vec(ang, (b, t, half), &Device::Cpu)?;
+    Ok((a.cos()?, a.sin()?))
+}
+
+type RopeFn = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+#[test]
+fn rope_matches_reference_and_finite_differences() -> Result<()> {
+    let layouts: [(&str, RopeFn, RopeFn); 2] = [
+        ("rotate-half", ops::rope, reference::rope),
+        (
+            "interleaved",
+            ops::rope_interleaved,
+            reference::rope_interleaved,
+        ),
+    ];
+    for (lname, fast_fn, ref_fn) in layouts {
+        let (cos, sin) = cos_sin(2, 5, 4, 3)?;
+        let (cos1, sin1) = cos_sin(1, 5, 4, 0)?;
+        // (name, x leaf, view of x, cos, sin)
+        let cases: Vec<(&str, Tensor, View, Tensor, Tensor)> = vec![
+            (
+                "contiguous",
+                rand_t(&[2, 3, 5, 8], 11, 1.0),
+                |x| Ok(x.clone()),
+                cos.clone(),
+                sin.clone(),
+            ),
+            (
+                "transposed",
+                rand_t(&[2, 5, 3, 8], 12, 1.0),
+                |x| x.transpose(1, 2),
+                cos.clone(),
+                sin.clone(),
+            ),
+            (
+                "narrowed",
+                rand_t(&[2, 3, 5, 12], 13, 1.0),
+                |x| x.narrow(D::Minus1, 4, 8),
+                cos.clone(),
+                sin.clone(),
+            ),
+            (
+                "batch-1 cos",
+                rand_t(&[2, 3, 5, 8], 14, 1.0),
+                |x| Ok(x.clone()),
+                cos1.clone(),
+                sin1.clone(),
+            ),
+        ];
+        for (name, x, view, c, s) in cases {
+            let inputs = vec![x, c, s];
+            let fast = |t: &[Tensor]| fast_fn(&view(&t[0])?, &t[1], &t[2]);
+            let refr = |t: &[Tensor]| ref_fn(&view(&t[0])?, &t[1], &t[2]);
+            let name = format!("{lname} {name}");
+            compare(&name, &inputs, &[true, false, false], &fast, &refr, TOL_REF)?;
+            grad_check(&name, &inputs, &[true, false, false], &fast, TOL_FD)?;
+            // tracked cos/sin take the composite path and get their gradients
+            compare(
+                &format!("{name} tracked cos"),
+                &inputs,
+                &[true, true, true],
+                &fast,
+                &refr,
+                TOL_REF,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rope_interleaved_rotates_adjacent_pairs() -> Result<()> {
+    // one position, angle pi/2 for pair 0 and 0 for pair 1: (a, b, c, d) -> (-b, a, c, d)
+    let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &Device::Cpu)?;
+    let cos = Tensor::new(&[[[0f32, 1.]]], &Device::Cpu)?;
+    let sin = Tensor::new(&[[[1f32, 0.]]], &Device::Cpu)?;
+    let y = ops::rope_interleaved(&x, &cos, &sin)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(y, vec![-2., 1., 3., 4.]);
+    // rotate-half pairs (x[0], x[2]) and (x[1], x[3]): (a, b, c, d) -> (-c, b, a, d)
+    let y = ops::rope(&x, &cos, &sin)?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(y, vec![-3., 2., 1., 4.]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- softmax
+
+#[test]
+fn softmax_matches_reference_and_finite_differences() -> Result<()> {
+    let cases: Vec<(&str, Tensor, View)> = vec![
+        (
+            "contiguous",
+            rand_t(&[3, 4, 10], 21, 3.0),
+            |x| Ok(x.clone()),
+        ),
+        ("transposed", rand_t(&[4, 3, 10], 22, 3.0), |x| {
+            x.transpose(0, 1)
+        }),
+        ("narrowed", rand_t(&[3, 4, 13], 23, 3.0), |x| {
+            x.narrow(D::Minus1, 1, 10)
+        }),
+        ("last-dim-strided", rand_t(&[10, 6], 24, 3.0), |x| x.t()),
+        ("large values", rand_t(&[5, 9], 25, 80.0), |x| Ok(x.clone())),
+    ];
+    for (name, x, view) in cases {
+        let inputs = vec![x];
+        let fast = |t: &[Tensor]| ops::softmax_last_dim(&view(&t[0])?);
+        let refr = |t: &[Tensor]| reference::softmax_last_dim(&view(&t[0])?);
+        compare(
+            &format!("softmax {name}"),
+            &inputs,
+            &[true],
+            &fast,
+            &refr,
+            TOL_REF,
+        )?;
+        if name != "large values" {
+            grad_check(&format!("softmax {name}"), &inputs, &[true], &fast, TOL_FD)?;
+        }
+    }
+    Ok(())
+}
+
+/// An additive causal mask `[t, t]` with `neg` above the diagonal.
+fn causal(t: usize, neg: f64) -> Result<Tensor> {
+    let v: Vec<f64> = (0..t * t)
+        .map(|k| if k % t > k / t { neg } else { 0.0 })
+        .collect();
+    Tensor::from_vec(v, (t, t), &Device::Cpu)
+}
+
+#[test]
+fn masked_softmax_matches_reference_and_finite_differences() -> Result<()> {
+    let scores = rand_t(&[2, 3, 5, 5], 31, 2.0);
+    let pad = rand_t(&[2, 1, 5, 5], 32, 1.0); // a per-batch additive mask, broadcast over heads
+    let cases: Vec<(&str, Option<Tensor>, f64)> = vec![
+        ("no mask", None, 0.125),
+        ("causal -inf", Some(causal(5, f64::NEG_INFINITY)?), 0.5),
+        ("causal -1e4", Some(causal(5, -1e4)?), 1.0),
+        ("per-batch", Some(pad), 0.3),
+    ];
+    for (name, mask, scale) in cases {
+        let inputs = vec![scores.clone()];
+        let fast = |t: &[Tensor]| {
+            ops::masked_softmax(
+                &t[0],
+                mask.as_ref()
+                    .map(|m| m.to_dtype(t[0].dtype()).unwrap())
+                    .as_ref(),
+                scale,
+            )
+        };
+        let refr = |t: &[Tensor]| {
+            reference::masked_softmax(
+                &t[0],
+                mask.as_ref()
+                    .map(|m| m.to_dtype(t[0].dtype()).unwrap())
+                    .as_ref(),
+                scale,
+            )
+        };
+        compare(
+            &format!("masked_softmax {name}"),
+            &inputs,
+            &[true],
+            &fast,
+            &refr,
+            TOL_REF,
+        )?;
+        grad_check(
+            &format!("masked_softmax {name}"),
+            &inputs,
+            &[true],
+            &fast,
+            TOL_FD,
+        )?;
+    }
+    // a transposed view of the scores
+    let base = rand_t(&[2, 5, 3, 5], 33, 2.0);
+    let mask = causal(5, -1e9)?;
+    let fast = |t: &[Tensor]| {
+        ops::masked_softmax(
+            &t[0].transpose(1, 2)?,
+            Some(&mask.to_dtype(t[0].dtype())?),
+            0.7,
+        )
+    };
+    let refr = |t: &[Tensor]| {
+        reference::masked_softmax(
+            &t[0].transpose(1, 2)?,
+            Some(&mask.to_dtype(t[0].dtype())?),
+            0.7,
+        )
+    };
+    compare(
+        "masked_softmax transposed",
+        std::slice::from_ref(&base),
+        &[true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+    grad_check("masked_softmax transposed", &[base], &[true], &fast, TOL_FD)?;
+    Ok(())
+}
+
+#[test]
+fn masked_softmax_fully_masked_row_is_zero() -> Result<()> {
+    let s = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu)?;
+    let inf = f32::NEG_INFINITY;
+    let m = Tensor::new(&[[0f32, 0., inf], [inf, inf, inf]], &Device::Cpu)?;
+    let y = ops::masked_softmax(&s, Some(&m), 1.0)?.to_vec2::<f32>()?;
+    assert_eq!(y[1], vec![0., 0., 0.]);
+    assert_eq!(y[0][2], 0.);
+    assert!((y[0][0] + y[0][1] - 1.0).abs() < 1e-6);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- swiglu
+
+#[test]
+fn swiglu_matches_reference_and_finite_differences() -> Result<()> {
+    // separate gate/up
+    let inputs = vec![rand_t(&[3, 4, 12], 41, 4.0), rand_t(&[3, 4, 12], 42, 2.0)];
+    let fast = |t: &[Tensor]| ops::swiglu(&t[0], &t[1]);
+    let refr = |t: &[Tensor]| reference::swiglu(&t[0], &t[1]);
+    for tracked in [[true, true], [true, false], [false, true]] {
+        compare(
+            &format!("swiglu {tracked:?}"),
+            &inputs,
+            &tracked,
+            &fast,
+            &refr,
+            TOL_REF,
+        )?;
+    }
+    grad_check("swiglu", &inputs, &[true, true], &fast, TOL_FD)?;
+    // the two halves of a fused projection (strided views of one tensor)
+    let fused = vec![rand_t(&[3, 4, 24], 43, 4.0)];
+    let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> {
+        Ok((t.narrow(D::Minus1, 0, 12)?, t.narrow(D::Minus1, 12, 12)?))
+    };
+    let fast = |t: &[Tensor]| {
+        let (g, u) = halves(&t[0])?;
+        ops::swiglu(&g, &u)
+    };
+    let refr = |t: &[Tensor]| {
+        let (g, u) = halves(&t[0])?;
+        reference::swiglu(&g, &u)
+    };
+    compare(
+        "swiglu fused halves",
+        &fused,
+        &[true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+    grad_check("swiglu fused halves", &fused, &[true], &fast, TOL_FD)?;
+    // transposed views
+    let inputs = vec![rand_t(&[4, 3, 12], 44, 4.0), rand_t(&[4, 3, 12], 45, 2.0)];
+    let fast = |t: &[Tensor]| ops::swiglu(&t[0].transpose(0, 1)?, &t[1].transpose(0, 1)?);
+    let refr = |t: &[Tensor]| reference::swiglu(&t[0].transpose(0, 1)?, &t[1].transpose(0, 1)?);
+    compare(
+        "swiglu transposed",
+        &inputs,
+        &[true, true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+    grad_check("swiglu transposed", &inputs, &[true, true], &fast, TOL_FD)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+#[test]
+fn cross_entropy_matches_reference_and_finite_differences() -> Result<()> {
+    let labels = Tensor::new(&[3i64, -100, 0, 10, -100, 7], &Device::Cpu)?;
+    let cases: Vec<(&str, Tensor, View)> = vec![
+        ("contiguous", rand_t(&[6, 11], 51, 3.0), |x| Ok(x.clone())),
+        ("transposed", rand_t(&[11, 6], 52, 3.0), |x| x.t()),
+        ("narrowed", rand_t(&[6, 14], 53, 3.0), |x| {
+            x.narrow(1, 2, 11)
+        }),
+    ];
+    for (name, x, view) in cases {
+        let inputs = vec![x];
+        let fast = |t: &[Tensor]| {
+            let (s, n) = ops::cross_entropy_sum(&view(&t[0])?, &labels)?;
+            assert_eq!(n, 4);
+            Ok(s)
+        };
+        // (the reference's index_select needs a contiguous input)
+        let refr = |t: &[Tensor]| {
+            Ok(reference::cross_entropy_sum(&view(&t[0])?.contiguous()?, &labels)?.0)
+        };
+        compare(
+            &format!("cross_entropy {name}"),
+            &inputs,
+            &[true],
+            &fast,
+            &refr,
+            TOL_REF,
+        )?;
+        grad_check(
+            &format!("cross_entropy {name}"),
+            &inputs,
+            &[true],
+            &fast,
+            TOL_FD,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cross_entropy_value_gradient_and_ignored_rows() -> Result<()> {
+    // two rows, one ignored: loss = logsumexp(row0) - row0[label]
+    let logits = Var::new(&[[1f32, 2., 3.], [5., 5., 5.]], &Device::Cpu)?;
+    let labels = Tensor::new(&[2u32, 0], &Device::Cpu)?.to_dtype(DType::I64)?;
+    let labels = (labels - Tensor::new(&[0i64, 100], &Device::Cpu)?)?; // [2, -100]
+    let (sum, n) = ops::cross_entropy_sum(logits.as_tensor(), &labels)?;
+    assert_eq!(n, 1);
+    let want = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() - 3.0;
+    assert!((sum.to_scalar::<f32>()? as f64 - want).abs() < 1e-6);
+    let g = sum
+        .backward()?
+        .get(logits.as_tensor())
+        .expect("grad")
+        .to_vec2::<f32>()?;
+    assert_eq!(g[1], vec![0., 0., 0.]);
+    let z = 1f64.exp() + 2f64.exp() + 3f64.exp();
+    let want = [1f64.exp() / z, 2f64.exp() / z, 3f64.exp() / z - 1.0];
+    for (a, b) in g[0].iter().zip(want) {
+        assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+    }
+    // all ignored: zero loss, zero count, zero gradient
+    let none = Tensor::new(&[-100i64, -100], &Device::Cpu)?;
+    let (sum, n) = ops::cross_entropy_sum(logits.as_tensor(), &none)?;
+    assert_eq!((n, sum.to_scalar::<f32>()?), (0, 0.0));
+    let g = sum
+        .backward()?
+        .get(logits.as_tensor())
+        .map(common::flat)
+        .unwrap_or_default();
+    assert!(g.iter().all(|&v| v == 0.0));
+    // a label outside the vocabulary is an error naming it
+    let bad = Tensor::new(&[1i64, 3], &Device::Cpu)?;
+    let err = ops::cross_entropy_sum(logits.as_tensor(), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target 3 at position 1 is out of range for a vocabulary of 3"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn gather_logprobs_matches_reference_and_finite_differences() -> Result<()> {
+    let targets = Tensor::new(&[[3u32, 0, 10], [7, 7, 1]], &Device::Cpu)?;
+    let inputs = vec![rand_t(&[2, 3, 11], 61, 3.0)];
+    let fast = |t: &[Tensor]| ops::gather_logprobs(&t[0], &targets);
+    let refr = |t: &[Tensor]| reference::gather_logprobs(&t[0], &targets);
+    compare("gather_logprobs", &inputs, &[true], &fast, &refr, TOL_REF)?;
+    grad_check("gather_logprobs", &inputs, &[true], &fast, TOL_FD)?;
+    let base = vec![rand_t(&[3, 2, 11], 62, 3.0)];
+    let fast = |t: &[Tensor]| ops::gather_logprobs(&t[0].transpose(0, 1)?, &targets);
+    let refr = |t: &[Tensor]| reference::gather_logprobs(&t[0].transpose(0, 1)?, &targets);
+    compare(
+        "gather_logprobs transposed",
+        &base,
+        &[true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- other dtypes
+
+#[test]
+fn half_precision_forwards_track_the_reference() -> Result<()> {
+    for dt in [DType::BF16, DType::F16] {
+        let tol = if dt == DType::BF16 { 2e-2 } else { 3e-3 };
+        let x = rand_t(&[4, 6, 32], 71, 2.0).to_dtype(dt)?;
+        let w = rand_t(&[32], 72, 1.0).to_dtype(dt)?;
+        let d = rel_diff(
+            &ops::rms_norm(&x, &w, 1e-5)?,
+            &reference::rms_norm(&x, &w, 1e-5)?,
+        );
+        assert!(d < tol, "{dt:?} rms_norm {d}");
+        let x4 = x.reshape((4, 2, 3, 32))?;
+        let (c, s) = cos_sin(4, 3, 16, 1)?;
+        let (c, s) = (c.to_dtype(dt)?, s.to_dtype(dt)?);
+        let d = rel_diff(&ops::rope(&x4, &c, &s)?, &reference::rope(&x4, &c, &s)?);
+        assert!(d < tol, "{dt:?} rope {d}");
+        let d = rel_diff(
+            &ops::softmax_last_dim(&x)?,
+            &reference::softmax_last_dim(&x)?,
+        );
+        assert!(d < tol, "{dt:?} softmax {d}");
+        let d = rel_diff(
+            &ops::swiglu(&x, &x.sin()?)?,
+            &reference::swiglu(&x, &x.sin()?)?,
+        );
+        assert!(d < tol, "{dt:?} swiglu {d}");
+        let x2 = x.reshape((24, 32))?;
+        let labels = Tensor::from_vec(
+            (0..24).map(|i| (i * 5 % 32) as i64).collect::<Vec<_>>(),
+            24,
+            &Device::Cpu,
+        )?;
+        let d = rel_diff(
+            &ops::cross_entropy_sum(&x2, &labels)?.0,
+            &reference::cross_entropy_sum(&x2, &labels)?.0,
+        );
+        assert!(d < tol, "{dt:?} cross_entropy {d}");
+        // the gradients exist and have the input dtype
+        let v = Var::from_tensor(&x)?;
+        let y = ops::rms_norm(v.as_tensor(), &w, 1e-5)?;
+        let g = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        assert_eq!(g.get(v.as_tensor()).expect("grad").dtype(), dt);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- parallel paths
+
+/// Shapes large enough that the kernels split the rows over several parallel tasks (the
+/// small cases above run in one task).
+#[test]
+fn large_shapes_split_over_threads_match_the_reference() -> Result<()> {
+    let x = rand_t(&[3, 50, 640], 81, 2.0);
+    let w = rand_t(&[640], 82, 1.0);
+    let fast = |t: &[Tensor]| ops::rms_norm(&t[0], &t[1], 1e-6);
+    let refr = |t: &[Tensor]| reference::rms_norm(&t[0], &t[1], 1e-6);
+    compare(
+        "rms_norm large",
+        &[x.clone(), w],
+        &[true, true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+
+    let fast = |t: &[Tensor]| ops::masked_softmax(&t[0], None, 0.5);
+    let refr = |t: &[Tensor]| reference::masked_softmax(&t[0], None, 0.5);
+    compare(
+        "softmax large",
+        std::slice::from_ref(&x),
+        &[true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+
+    let u = rand_t(&[3, 50, 640], 83, 2.0);
+    let fast = |t: &[Tensor]| ops::swiglu(&t[0], &t[1]);
+    let refr = |t: &[Tensor]| reference::swiglu(&t[0], &t[1]);
+    compare(
+        "swiglu large",
+        &[x.clone(), u],
+        &[true, true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+
+    let q = rand_t(&[2, 6, 200, 64], 84, 1.0);
+    let (c, s) = cos_sin(2, 200, 32, 7)?;
+    let fast = |t: &[Tensor]| ops::rope(&t[0], &t[1], &t[2]);
+    let refr = |t: &[Tensor]| reference::rope(&t[0], &t[1], &t[2]);
+    compare(
+        "rope large",
+        &[q, c, s],
+        &[true, false, false],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+
+    let logits = rand_t(&[150, 3000], 85, 4.0);
+    let labels: Vec<i64> = (0..150)
+        .map(|i| if i % 9 == 0 { -100 } else { i * 17 % 3000 })
+        .collect();
+    let labels = Tensor::from_vec(labels, 150, &Device::Cpu)?;
+    let fast = |t: &[Tensor]| Ok(ops::cross_entropy_sum(&t[0], &labels)?.0);
+    let refr = |t: &[Tensor]| Ok(reference::cross_entropy_sum(&t[0], &labels)?.0);
+    compare(
+        "cross_entropy large",
+        &[logits],
+        &[true],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Stage recipes: each wires model, adapters, data and the trainer for one stage, the way a
+//! torchtune recipe reads: load, prepare, train or predict, save.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use llmtune_data::template::Template;
+use llmtune_data::{DataArgs, Stage};
+use llmtune_models::{Pretrained, Tokenizer};
+
+use crate::args::{FinetuningType, StageArg, TrainArgs};
+use crate::error::{other, Error, Result};
+use crate::trainer::TrainerConfig;
+
+pub mod predict;
+pub mod sft;
+
+/// Runs what the arguments ask for.
+pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
+    args.validate().map_err(Error::InvalidArgument)?;
+    if (args.fp16 || args.bf16) && !device.is_cuda() {
+        eprintln!("warning: --fp16/--bf16 ignored on CPU (training runs in f32)");
+    }
+    match args.stage {
+        StageArg::Sft if args.do_train => sft::run(args, device),
+        StageArg::Sft if args.do_predict || (args.do_eval && args.predict_with_generate) => predict::run(args, device),
+        StageArg::Sft => Err(Error::InvalidArgument(
+            "--do_eval without --predict_with_generate is not supported yet; pass --predict_with_generate".into(),
+        )),
+        StageArg::Rm | StageArg::Ppo => Err(Error::InvalidArgument(format!(
+            "--stage {:?} is not implemented yet",
+            args.stage
+        ))),
+    }
+}
+
+/// `--model_name_or_path`, or the embedded default with a notice.
+pub fn model_name(args: &TrainArgs) -> String {
+    match &args.model_name_or_path {
+        Some(m) => m.clone(),
+        None => {
+            let d = llmtune_models::hub::DEFAULT_MODEL;
+            eprintln!("llmtune: --model_name_or_path not given; using the embedded default {d}");
+            d.to_string()
+        }
+    }
+}
+
+/// Loads the base model (f32 on CPU).
+pub fn load_model(args: &TrainArgs, device: &Device) -> Result<(Pretrained, String)> {
+    let name = model_name(args);
+    let dtype = if device.is_cuda() {
+        match args.compute_dtype.as_deref() {
+            Some("fp16") | Some("float16") => DType::F16,
+            Some("fp32") | Some("float32") => DType::F32,
+            _ => DType::BF16,
+        }
+    } else {
+        DType::F32
+    };
+    let p = llmtune_models::load_pretrained(&name, dtype, device)
+        .map_err(|e| other(format!("loading --model_name_or_path {name}: {e}")))?;
+    Ok((p, name))
+}
+
+/// The template name: `--template`, else the model's own.
+pub fn template_name(args: &TrainArgs, p: &Pretrained) -> String {
+    match &args.template {
+        Some(t) => t.clone(),
+        None => Template::default_for_model_type(&p.info.model_type, &p.tokenizer)
+            .name
+            .to_string(),
+    }
+}
+
+/// Data arguments from the training arguments.
+pub fn data_args(args: &TrainArgs, template: String) -> Result<DataArgs> {
+    let dataset = args
+        .dataset
+        .as_deref()
+        .ok_or_else(|| Error::InvalidArgument("--dataset is required".into()))?;
+    Ok(DataArgs {
+        dataset: DataArgs::parse_dataset_list(dataset),
+        dataset_dir: PathBuf::from(&args.dataset_dir),
+        template,
+        max_source_length: args.max_source_length,
+        max_target_length: args.max_target_length,
+        max_samples: args.max_samples,
+        source_prefix: args.source_prefix.clone(),
+        dev_ratio: args.dev_ratio,
+        seed: args.seed,
+        ignore_pad_token_for_loss: args.ignore_pad_token_for_loss,
+        overwrite_cache: args.overwrite_cache,
+        preprocessing_num_workers: args.preprocessing_num_workers,
+        ..Default::default()
+    })
+}
+
+/// Encodes the datasets for `stage`.
+pub fn prepare(
+    args: &TrainArgs,
+    tok: &Tokenizer,
+    template: String,
+    stage: Stage,
+    predict: bool,
+) -> Result<llmtune_data::Prepared> {
+    let da = data_args(args, template)?;
+    llmtune_data::prepare(&da, tok, stage, predict).map_err(other)
+}
+
+/// The output folder, refusing to mix runs unless asked.
+pub fn output_dir(args: &TrainArgs, training: bool) -> Result<PathBuf> {
+    let out = PathBuf::from(
+        args.output_dir
+            .as_deref()
+            .ok_or_else(|| Error::InvalidArgument("--output_dir is required".into()))?,
+    );
+    if training
+        && out.is_dir()
+        && args.resume_from_checkpoint.is_none()
+        && !args.overwrite_output_dir
+    {
+        let has_ckpt = crate::checkpoint::latest_checkpoint(&out)?.is_some();
+        if has_ckpt {
+            return Err(Error::InvalidArgument(format!(
+                "--output_dir {} already holds checkpoints; pass --overwrite_output_dir to start over or \
+                 --resume_from_checkpoint true to continue",
+                out.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(&out).map_err(|e| Error::Io {
+        op: "create",
+        path: out.clone(),
+        source: e,
+    })?;
+    Ok(out)
+}
+
+/// Loop settings from the arguments.
+pub fn trainer_config(args: &TrainArgs, out: &Path) -> Result<TrainerConfig> {
+    let eval_steps = match args.evaluation_strategy {
+        crate::args::EvalStrategy::No => None,
+        _ => Some(args.eval_steps.unwrap_or(args.logging_steps)),
+    };
+    let resume = match &args.resume_from_checkpoint {
+        Some(v) => crate::checkpoint::resolve_resume_from_checkpoint(out, v)?,
+        None => None,
+    };
+    Ok(TrainerConfig {
+        output_dir: out.to_path_buf(),
+        train_batch_size: args.per_device_train_batch_size,
+        eval_batch_size: args.per_device_eval_batch_size,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        num_train_epochs: args.num_train_epochs,
+        max_steps: args.max_steps,
+        learning_rate: args.learning_rate,
+        scheduler: args.lr_scheduler_type,
+        warmup_steps: args.warmup_steps,
+        warmup_ratio: args.warmup_ratio,
+        weight_decay: args.weight_decay,
+        adam_beta1: args.adam_beta1,
+        adam_beta2: args.adam_beta2,
+        adam_epsilon: args.adam_epsilon,
+        max_grad_norm: args.max_grad_norm,
+        logging_steps: args.logging_steps,
+        save_steps: args.save_steps,
+        save_total_limit: args.save_total_limit,
+        eval_steps,
+        load_best_model_at_end: args.load_best_model_at_end,
+        seed: args.seed,
+        resume_from_checkpoint: resume,
+    })
+}
+
+/// Saves `training_args.json` and `finetuning_args.json` (sorted keys, indent 2).
+pub fn save_args(args: &TrainArgs, out: &Path) -> Result<()> {
+    crate::io::write_json_sorted(&out.join("training_args.json"), args)?;
+    let ft = serde_json::json!({
+        "finetuning_type": args.finetuning_type,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "lora_target": args.lora_target,
+        "name_module_trainable": args.name_module_trainable,
+        "num_layer_trainable": args.num_layer_trainable,
+        "pre_seq_len": args.pre_seq_len,
+    });
+    crate::io::write_json_sorted(&out.join("finetuning_args.json"), &ft)?;
+    Ok(())
+}
+
+/// LoRA targets: `--lora_target`, else `q_proj,v_proj` for the Llama family.
+pub fn lora_target(args: &TrainArgs) -> String {
+    args.lora_target
+        .clone()
+        .unwrap_or_else(|| "q_proj,v_proj".into())
+}
+
+pub(crate) fn check_finetuning(args: &TrainArgs) -> Result<()> {
+    match args.finetuning_type {
+        FinetuningType::Lora => Ok(()),
+        other => Err(Error::InvalidArgument(format!(
+            "--finetuning_type {other:?} is not implemented yet in the trainer (use lora)"
+        ))),
+    }
+}

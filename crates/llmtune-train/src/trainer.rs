@@ -1,0 +1,353 @@
+//! The training loop shared by the stages: micro-batches, gradient accumulation, clipping,
+//! AdamW, the schedule, logging, evaluation, checkpoints (with exact resume) and the final
+//! results. A stage supplies a [`Task`]: how to compute a batch's loss and what to save.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+
+use crate::checkpoint::{
+    load_checkpoint, rotate_checkpoints, save_checkpoint, CheckpointData, DataPosition,
+};
+use crate::error::{Error, Result};
+use crate::io::cleanup_stale_tmp;
+use crate::log::{TrainerLog, TrainerLogLine};
+use crate::optim::{AdamW, AdamWConfig, GradAccumulator, Gradients};
+use crate::progress::{Progress, StepStats};
+use crate::rng::Rng;
+use crate::schedule::{num_warmup_steps, LrScheduler, SchedulerType};
+use crate::state::{save_metrics, speed_metrics, Metrics, TrainerState};
+
+/// What a stage plugs into the loop.
+pub trait Task {
+    /// Mean loss of micro-batch `batch` (indices into the training or evaluation set) and the
+    /// number of tokens it processed. The loss must depend on the trainable variables.
+    fn loss(&mut self, batch: &[usize], eval: bool) -> Result<(Tensor, u64)>;
+    /// Writes the trained weights (adapter, value head) into `dir`.
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// Restores the trained weights from `dir` (load_best_model_at_end).
+    fn load(&mut self, dir: &Path) -> Result<()>;
+    /// Switches dropout on (training) or off (evaluation).
+    fn set_training(&mut self, training: bool);
+    /// Extra state to restore on resume (e.g. dropout RNG positions).
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores what [`Task::state`] returned.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+const TASK_STATE: &str = "task_state.json";
+
+/// Loop settings (from the HF training arguments).
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    pub output_dir: PathBuf,
+    pub train_batch_size: usize,
+    pub eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub num_train_epochs: f64,
+    /// > 0 overrides the epochs.
+    pub max_steps: i64,
+    pub learning_rate: f64,
+    pub scheduler: SchedulerType,
+    pub warmup_steps: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub logging_steps: usize,
+    pub save_steps: usize,
+    pub save_total_limit: Option<usize>,
+    /// Evaluate every N steps (None = never, except at the end when a dev set exists).
+    pub eval_steps: Option<usize>,
+    pub load_best_model_at_end: bool,
+    pub seed: u64,
+    pub resume_from_checkpoint: Option<PathBuf>,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub global_step: u64,
+    pub train_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub runtime_secs: f64,
+}
+
+fn mean_eval_loss(task: &mut dyn Task, eval_set: usize, bs: usize) -> Result<f64> {
+    task.set_training(false);
+    let idx: Vec<usize> = (0..eval_set).collect();
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for chunk in idx.chunks(bs) {
+        let (loss, _) = task.loss(chunk, true)?;
+        sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        n += 1;
+    }
+    task.set_training(true);
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// Runs training. `train_len`/`eval_len` are the sizes of the sets `task.loss` indexes.
+pub fn train(
+    cfg: &TrainerConfig,
+    vars: Vec<(String, Var)>,
+    task: &mut dyn Task,
+    train_len: usize,
+    eval_len: usize,
+) -> Result<TrainOutcome> {
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io("create", out, e))?;
+    cleanup_stale_tmp(out)?;
+    if train_len == 0 {
+        return Err(Error::InvalidArgument("no training samples".into()));
+    }
+    let bs = cfg.train_batch_size.max(1);
+    let accum = cfg.gradient_accumulation_steps.max(1);
+    let batches_per_epoch = train_len.div_ceil(bs);
+    let steps_per_epoch = (batches_per_epoch / accum).max(1);
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps as u64
+    } else {
+        (cfg.num_train_epochs * steps_per_epoch as f64)
+            .ceil()
+            .max(1.0) as u64
+    };
+    let warmup = num_warmup_steps(total_steps, cfg.warmup_steps as u64, cfg.warmup_ratio)?;
+    let mut sched = LrScheduler::new(cfg.scheduler, cfg.learning_rate, total_steps, warmup)?;
+    let adam = AdamWConfig {
+        lr: cfg.learning_rate,
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        eps: cfg.adam_epsilon,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = AdamW::with_no_decay(vars.clone(), adam, crate::optim::is_no_decay_default)?;
+    let mut state = TrainerState {
+        max_steps: total_steps,
+        logging_steps: cfg.logging_steps as u64,
+        eval_steps: cfg.eval_steps.unwrap_or(0) as u64,
+        save_steps: cfg.save_steps as u64,
+        train_batch_size: Some(bs as u64),
+        num_train_epochs: cfg.num_train_epochs.ceil() as u64,
+        ..Default::default()
+    };
+    let mut pos = DataPosition {
+        epoch: 0,
+        step_in_epoch: 0,
+        batch_in_epoch: 0,
+        permutation_seed: cfg.seed,
+    };
+    let log = TrainerLog::new(out);
+    let mut start_step = 0u64;
+    if let Some(ck) = &cfg.resume_from_checkpoint {
+        let loaded = load_checkpoint(ck, &mut opt)?;
+        task.load(ck)?;
+        let ts = ck.join(TASK_STATE);
+        if ts.exists() {
+            task.restore_state(&crate::io::read_json(&ts)?)?;
+        }
+        sched = loaded.scheduler;
+        state = loaded.trainer_state;
+        pos = loaded.data_position;
+        start_step = state.global_step;
+        log.truncate_after(start_step)?;
+        eprintln!("resuming from {} at step {start_step}", ck.display());
+    } else {
+        log.reset()?;
+    }
+    opt.set_lr(sched.lr_at(start_step));
+
+    let mut acc = GradAccumulator::new(vars.clone());
+    let mut progress = Progress::new(total_steps, cfg.logging_steps.max(1) as u64, start_step);
+    let t0 = Instant::now();
+    let mut window_loss = 0.0f64;
+    let mut window_steps = 0u64;
+    let mut total_loss = 0.0f64;
+    let mut total_loss_steps = 0u64;
+    let mut step_loss = 0.0f64;
+    let mut step_tokens = 0u64;
+    let mut last_eval = None;
+    let mut last_good_checkpoint: Option<PathBuf> = None;
+    task.set_training(true);
+
+    'outer: while state.global_step < total_steps {
+        let mut perm: Vec<usize> = (0..train_len).collect();
+        Rng::from_seeds(&[pos.permutation_seed, pos.epoch]).shuffle(&mut perm);
+        let batches: Vec<&[usize]> = perm.chunks(bs).collect();
+        let usable = (steps_per_epoch * accum).min(batches.len());
+        let mut b = pos.batch_in_epoch as usize;
+        while b < usable {
+            let (loss, tokens) = task.loss(batches[b], false)?;
+            let lv = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() {
+                let keep = last_good_checkpoint
+                    .as_ref()
+                    .map(|p| format!("the last good checkpoint is {}", p.display()))
+                    .unwrap_or_else(|| "no checkpoint was saved yet".into());
+                return Err(Error::InvalidArgument(format!(
+                    "the loss became {lv} at step {} (epoch {}, batch {b}); stopping: {keep}. \
+                     Try a lower --learning_rate or --max_grad_norm.",
+                    state.global_step + 1,
+                    pos.epoch
+                )));
+            }
+            let scaled = (loss / accum as f64)?;
+            let grads = scaled.backward()?;
+            acc.add(&grads)?;
+            step_loss += lv / accum as f64;
+            step_tokens += tokens;
+            b += 1;
+            if b % accum != 0 && b < usable {
+                continue;
+            }
+            // Optimizer step.
+            let mut g: Gradients = acc.finish()?;
+            if cfg.max_grad_norm > 0.0 {
+                g.clip_global_norm(cfg.max_grad_norm)?;
+            }
+            let lr = sched.lr_at(state.global_step);
+            opt.set_lr(lr);
+            opt.step(&g)?;
+            sched.step();
+            state.global_step += 1;
+            pos.batch_in_epoch = b as u64;
+            pos.step_in_epoch += 1;
+            let epoch_f = pos.epoch as f64 + pos.step_in_epoch as f64 / steps_per_epoch as f64;
+            state.epoch = Some(epoch_f);
+            window_loss += step_loss;
+            window_steps += 1;
+            total_loss += step_loss;
+            total_loss_steps += 1;
+            progress.update(&StepStats {
+                step: state.global_step,
+                loss: Some(step_loss),
+                learning_rate: Some(lr),
+                tokens: step_tokens,
+            });
+            step_loss = 0.0;
+            step_tokens = 0;
+            let step = state.global_step;
+            let elapsed = t0.elapsed().as_secs_f64();
+            if cfg.logging_steps > 0 && step % cfg.logging_steps as u64 == 0 {
+                let loss = crate::io::py_round(window_loss / window_steps.max(1) as f64, 4);
+                state.log(&[("loss", loss), ("learning_rate", lr)]);
+                let mut line = TrainerLogLine::new(step, total_steps, step - start_step, elapsed);
+                line.loss = Some(loss);
+                line.learning_rate = Some(lr);
+                line.epoch = Some(crate::io::py_round(epoch_f, 2));
+                log.append(&line)?;
+                window_loss = 0.0;
+                window_steps = 0;
+            }
+            if let Some(every) = cfg.eval_steps {
+                if eval_len > 0 && every > 0 && step % every as u64 == 0 {
+                    let el = mean_eval_loss(task, eval_len, cfg.eval_batch_size)?;
+                    let el = crate::io::py_round(el, 4);
+                    state.log(&[("eval_loss", el)]);
+                    let mut line =
+                        TrainerLogLine::new(step, total_steps, step - start_step, elapsed);
+                    line.eval_loss = Some(el);
+                    line.epoch = Some(crate::io::py_round(epoch_f, 2));
+                    log.append(&line)?;
+                    progress.println(&format!("step {step}: eval_loss {el}"));
+                    last_eval = Some(el);
+                }
+            }
+            if cfg.save_steps > 0 && step % cfg.save_steps as u64 == 0 {
+                let name = format!("checkpoint-{step}");
+                if let Some(el) = last_eval {
+                    state.update_best(el, false, &out.join(&name).to_string_lossy());
+                }
+                let rngs = BTreeMap::new();
+                let dir = save_checkpoint(
+                    out,
+                    step,
+                    &CheckpointData {
+                        optimizer: &opt,
+                        scheduler: &sched,
+                        rngs: &rngs,
+                        trainer_state: &state,
+                        data_position: &pos,
+                    },
+                    |d| -> Result<()> {
+                        task.save(d)?;
+                        crate::io::write_json_sorted(&d.join(TASK_STATE), &task.state())
+                    },
+                )?;
+                rotate_checkpoints(
+                    out,
+                    cfg.save_total_limit,
+                    state.best_model_checkpoint.as_deref(),
+                )?;
+                last_good_checkpoint = Some(dir);
+            }
+            if state.global_step >= total_steps {
+                break 'outer;
+            }
+        }
+        pos.epoch += 1;
+        pos.step_in_epoch = 0;
+        pos.batch_in_epoch = 0;
+    }
+    progress.finish();
+    let runtime = t0.elapsed().as_secs_f64();
+    let train_loss = if total_loss_steps > 0 {
+        total_loss / total_loss_steps as f64
+    } else {
+        f64::NAN
+    };
+    if cfg.load_best_model_at_end {
+        if let Some(best) = state.best_model_checkpoint.clone() {
+            eprintln!(
+                "loading the best checkpoint {best} (eval_loss {:?})",
+                state.best_metric
+            );
+            task.load(Path::new(&best))?;
+        }
+    }
+    task.set_training(false);
+    task.save(out)?;
+    let mut m: Metrics = speed_metrics(
+        "train",
+        runtime,
+        Some((train_len as f64 * cfg.num_train_epochs) as u64),
+        Some(state.global_step - start_step),
+    );
+    m.insert("train_loss".into(), crate::state::f64_value(train_loss));
+    m.insert(
+        "epoch".into(),
+        crate::state::f64_value(state.epoch.unwrap_or(0.0)),
+    );
+    save_metrics(out, "train", &m)?;
+    state.log(&[
+        ("train_loss", train_loss),
+        ("train_runtime", crate::io::py_round(runtime, 4)),
+    ]);
+    let mut eval_loss = None;
+    if eval_len > 0 {
+        let el = mean_eval_loss(task, eval_len, cfg.eval_batch_size)?;
+        let mut em = Metrics::new();
+        em.insert("eval_loss".into(), crate::state::f64_value(el));
+        em.insert(
+            "epoch".into(),
+            crate::state::f64_value(state.epoch.unwrap_or(0.0)),
+        );
+        save_metrics(out, "eval", &em)?;
+        eval_loss = Some(el);
+    }
+    state.save(&out.join("trainer_state.json"))?;
+    Ok(TrainOutcome {
+        global_step: state.global_step,
+        train_loss,
+        eval_loss,
+        runtime_secs: runtime,
+    })
+}
