@@ -2,15 +2,8 @@
 
 use candle_core::{DType, Device};
 
-/// Parses booleans the way HF's argument parser does: `true/false`, `True/False`, `1/0`,
-/// `yes/no` (case-insensitive). Used with `num_args = 0..=1` so a bare `--flag` means true.
-pub fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "y" | "t" => Ok(true),
-        "false" | "0" | "no" | "n" | "f" => Ok(false),
-        _ => Err(format!("{s:?} is not a boolean (true/false)")),
-    }
-}
+/// HF-style boolean flags (`true/false/1/0/yes/no`); one parser for every subcommand.
+pub use llmtune_train::args::parse_bool;
 
 /// `--model_name_or_path` value, defaulting to the embedded model with a notice.
 pub fn model_or_default(m: &Option<String>) -> String {

@@ -191,19 +191,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         ));
     }
     let k = |s: &str| format!("{arch}.{s}");
-    let tokens = m.strings("tokenizer.ggml.tokens")?;
+    let vocab = vocab_of(&m)?;
     let n_head = m.usize(&k("attention.head_count"))?;
     let n_kv = m.usize(&k("attention.head_count_kv")).unwrap_or(n_head);
     let hidden = m.usize(&k("embedding_length"))?;
-    let vocab_size = m.usize(&k("vocab_size")).unwrap_or(tokens.len());
+    let vocab_size = m.usize(&k("vocab_size")).unwrap_or(vocab.tokens.len());
     let has_output = content.tensor_infos.contains_key("output.weight");
-    let eos = m.opt_u32("tokenizer.ggml.eos_token_id");
-    let mut eos_ids: Vec<u32> = eos.into_iter().collect();
-    if let Some(eot) = m.opt_u32("tokenizer.ggml.eot_token_id") {
-        if !eos_ids.contains(&eot) {
-            eos_ids.push(eot);
-        }
-    }
     let config = LlamaConfig {
         model_type: arch.clone(),
         vocab_size,
@@ -224,9 +217,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         tie_word_embeddings: !has_output,
         qkv_bias: arch == "qwen2",
         o_bias: false,
-        bos_token_id: m.opt_u32("tokenizer.ggml.bos_token_id"),
-        eos_token_ids: eos_ids.clone(),
-        pad_token_id: m.opt_u32("tokenizer.ggml.padding_token_id"),
+        bos_token_id: vocab.bos,
+        eos_token_ids: vocab.extra_stop.clone(),
+        pad_token_id: vocab.pad,
     };
 
     let mut tensors = HashMap::new();
@@ -255,7 +248,6 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         tensors.insert(hf, t.to_device(device)?);
     }
 
-    let vocab = vocab_of(&m)?;
     Ok(GgufModel {
         config,
         weights: MapSource::new(tensors, path),
