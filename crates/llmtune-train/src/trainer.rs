@@ -339,8 +339,11 @@ pub fn train(
     if cfg.load_best_model_at_end {
         if let Some(best) = state.best_model_checkpoint.clone() {
             eprintln!(
-                "loading the best checkpoint {best} (eval_loss {:?})",
-                state.best_metric
+                "loading the best checkpoint {best} (eval_loss {})",
+                state
+                    .best_metric
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "unknown".into())
             );
             task.load(Path::new(&best))?;
         }
