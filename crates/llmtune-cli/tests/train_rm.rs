@@ -242,6 +242,33 @@ fn rm_writes_every_file_and_predict_scores_pairs() {
         std::fs::read(Path::new(&best).join("adapter_model.safetensors")).unwrap(),
     );
 
+    // Resume from checkpoint-2 (adapter, value head, optimizer, dropout RNGs) in a fresh
+    // folder: the same final adapter and head as the uninterrupted run, byte for byte.
+    let resumed = tmp("resumed");
+    std::fs::create_dir_all(&resumed).unwrap();
+    let ck2 = resumed.join("checkpoint-2");
+    std::fs::create_dir_all(&ck2).unwrap();
+    for e in std::fs::read_dir(out.join("checkpoint-2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ck2.join(e.file_name())).unwrap();
+    }
+    // trainer_state.json names the best checkpoint by path: point it at the copy.
+    let st = std::fs::read_to_string(ck2.join("trainer_state.json"))
+        .unwrap()
+        .replace(out.to_str().unwrap(), resumed.to_str().unwrap());
+    std::fs::write(ck2.join("trainer_state.json"), st).unwrap();
+    let mut a = rm_train_args(&model, &resumed, "example_rm");
+    a.extend(strings(&["--resume_from_checkpoint", "true"]));
+    let (code, _, err) = run(&a);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+    for f in ["value_head.safetensors", "adapter_model.safetensors"] {
+        assert!(
+            std::fs::read(out.join(f)).unwrap() == std::fs::read(resumed.join(f)).unwrap(),
+            "{f}: the resumed run differs from the uninterrupted one"
+        );
+    }
+
     // Predict with the trained folder: one {"chosen", "rejected"} line per pair (34).
     let pred = tmp("pred");
     let (code, stdout, err) = run(&predict_args(&model, out.to_str().unwrap(), &pred));
@@ -329,9 +356,34 @@ fn rm_writes_every_file_and_predict_scores_pairs() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("needs --checkpoint_dir"), "{err}");
 
-    for d in [&out, &pred, &pred1, &no_head] {
+    for d in [&out, &resumed, &pred, &pred1, &no_head] {
         std::fs::remove_dir_all(d).unwrap();
     }
+}
+
+/// `--do_train --do_predict`: after training, the saved reward model scores every pair into
+/// the same output folder.
+#[test]
+fn rm_train_then_predict_in_one_command() {
+    let Some(fx) = fixtures() else { return };
+    let out = tmp("trainpredict");
+    let mut a = rm_train_args(&fx.join("llama"), &out, "example_rm");
+    a.push("--do_predict".into());
+    let i = a.iter().position(|x| x == "--max_steps").unwrap();
+    a[i + 1] = "2".into();
+    let (code, stdout, err) = run(&a);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("value_head.safetensors").is_file());
+    let text = std::fs::read_to_string(out.join("generated_predictions.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 34);
+    let res = read_json(&out.join("predict_results.json"));
+    assert!(res["predict_accuracy"].as_f64().is_some(), "{res}");
+    let all = read_json(&out.join("all_results.json"));
+    for k in ["train_loss", "eval_accuracy", "predict_accuracy"] {
+        assert!(all[k].as_f64().is_some(), "{k} in {all}");
+    }
+    assert!(stdout.contains("34 pairs: accuracy "), "{stdout}");
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
