@@ -3,7 +3,9 @@
 //! [`inspect`] prepares the data exactly as training would (cache included) and reports the
 //! counts (kept, dropped and why, truncated), token-length percentiles of sources and
 //! targets before and after truncation, the dev split sizes, and the first example decoded
-//! with its label mask: tokens the loss ignores are shown inside `⟦…⟧`.
+//! with its label mask: tokens the loss ignores are shown inside `⟦…⟧`. For preference
+//! data it also lists the pairs whose chosen and rejected answers are the same text: they are
+//! kept (as the reference keeps them) but carry no preference.
 
 use std::fmt;
 
@@ -12,8 +14,11 @@ use llmtune_tokenize::Tokenizer;
 use crate::args::{DataArgs, EncodeMode, Stage};
 use crate::encode::{EncodeStats, Example, IGNORE_INDEX};
 use crate::error::Result;
-use crate::formats::DatasetSummary;
+use crate::formats::{load_raw, DatasetSummary, Response};
 use crate::{prepare, CacheStatus};
+
+/// How many record indices of identical pairs the report prints per dataset.
+pub const IDENTICAL_SHOWN: usize = 10;
 
 /// Nearest-rank percentiles of a set of lengths.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,6 +94,38 @@ pub struct InspectReport {
     pub cache: CacheStatus,
     /// The first example as (heading, text) blocks.
     pub first: Vec<(String, String)>,
+    /// Preference data: per dataset (in order), the 0-based record indices (within the
+    /// record's file, as error messages count) of pairs whose chosen and rejected answers
+    /// are the same text. Empty for other stages.
+    pub identical_pairs: Vec<(String, Vec<usize>)>,
+}
+
+impl InspectReport {
+    /// Number of pairs with chosen == rejected over all datasets.
+    pub fn identical_pair_count(&self) -> usize {
+        self.identical_pairs.iter().map(|(_, v)| v.len()).sum()
+    }
+}
+
+/// Per dataset, the record indices of the pairs whose chosen and rejected texts are equal.
+fn identical_pairs(args: &DataArgs, stage: Stage) -> Result<Vec<(String, Vec<usize>)>> {
+    if !stage.is_pairwise() {
+        return Ok(Vec::new());
+    }
+    let raw = load_raw(args, stage)?;
+    let mut out: Vec<(String, Vec<usize>)> = raw
+        .datasets
+        .iter()
+        .map(|d| (d.name.clone(), Vec::new()))
+        .collect();
+    for s in &raw.samples {
+        if let Response::Pair { chosen, rejected } = &s.response {
+            if chosen == rejected {
+                out[s.dataset].1.push(s.record);
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
@@ -193,6 +230,7 @@ pub fn inspect(
     } else {
         None
     };
+    let identical_pairs = identical_pairs(args, stage)?;
     let st = &data.stats;
     Ok(InspectReport {
         stage,
@@ -211,6 +249,7 @@ pub fn inspect(
         seed: args.seed,
         cache: data.cache,
         first,
+        identical_pairs,
     })
 }
 
@@ -264,6 +303,38 @@ impl fmt::Display for InspectReport {
                     f,
                     "  {name:<20} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8.1}",
                     p.count, p.p50, p.p90, p.p99, p.max, p.mean
+                )?;
+            }
+        }
+        if self.stage.is_pairwise() {
+            let n = self.identical_pair_count();
+            write!(f, "pairs with chosen == rejected: {n}")?;
+            if n > 0 {
+                write!(
+                    f,
+                    " (kept; they carry no preference: loss log 2, never counted as correct)"
+                )?;
+            }
+            writeln!(f)?;
+            for (name, records) in &self.identical_pairs {
+                if records.is_empty() {
+                    continue;
+                }
+                let shown: Vec<String> = records
+                    .iter()
+                    .take(IDENTICAL_SHOWN)
+                    .map(|r| r.to_string())
+                    .collect();
+                writeln!(
+                    f,
+                    "  {name}: {} at records {}{}",
+                    records.len(),
+                    shown.join(", "),
+                    if records.len() > IDENTICAL_SHOWN {
+                        ", ..."
+                    } else {
+                        ""
+                    }
                 )?;
             }
         }

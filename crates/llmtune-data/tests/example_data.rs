@@ -135,3 +135,50 @@ fn example_data_encodes_for_every_stage() {
         assert!(d.examples.iter().all(|e| e.mode() == d.mode));
     }
 }
+
+/// `data inspect --stage rm` lists the pairs whose chosen and rejected texts are equal; they
+/// stay in the data.
+#[test]
+fn inspect_reports_identical_pairs_and_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tok(dir.path());
+    let data = dir.path().join("data");
+    let rows = serde_json::json!([
+        {"instruction": "q0", "output": ["good", "bad"]},
+        {"instruction": "q1", "output": ["same", "same"]},
+        {"instruction": "q2", "output": ["", "dropped: empty chosen"]},
+        {"instruction": "q3", "output": ["x", "x"]},
+        {"instruction": "q4", "output": ["a", "b"]},
+    ]);
+    common::write_dataset(
+        &data,
+        &serde_json::json!({"pairs": {"file_name": "pairs.json"}}),
+        &[("pairs.json", &rows.to_string())],
+    );
+    let a = DataArgs {
+        dataset: vec!["pairs".into()],
+        dataset_dir: data.clone(),
+        disable_cache: true,
+        template: "chatml".into(),
+        ..DataArgs::default()
+    };
+    let r = inspect(&a, &tok, Stage::Rm, false).unwrap();
+    assert_eq!(r.identical_pairs, vec![("pairs".to_string(), vec![1, 3])]);
+    assert_eq!(r.identical_pair_count(), 2);
+    assert_eq!(r.stats.kept, 4, "identical pairs are kept");
+    let text = r.to_string();
+    assert!(
+        text.contains(
+            "pairs with chosen == rejected: 2 (kept; they carry no preference: loss log 2, never counted as correct)\n  pairs: 2 at records 1, 3\n"
+        ),
+        "{text}"
+    );
+    // Not a pairwise stage: nothing to report.
+    let r = inspect(&args(&["example_sft"]), &tok, Stage::Sft, false).unwrap();
+    assert!(r.identical_pairs.is_empty());
+    assert!(!r.to_string().contains("chosen == rejected"));
+    // The example RM data has none.
+    let r = inspect(&args(&["example_rm"]), &tok, Stage::Rm, false).unwrap();
+    assert_eq!(r.identical_pair_count(), 0);
+    assert!(r.to_string().contains("pairs with chosen == rejected: 0\n"));
+}

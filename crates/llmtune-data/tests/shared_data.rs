@@ -126,3 +126,34 @@ fn covid_sft_encoding_with_fixture_tokenizer() {
     let (train, dev) = llmtune_data::split_dev(data.examples, 0.05, 42).unwrap();
     assert_eq!((train.len(), dev.len()), (3613, 191));
 }
+
+/// comparison_gpt4_zh has 20 pairs with chosen == rejected (data/README.md); `data inspect`
+/// reports them and the encoding keeps them.
+#[test]
+fn comparison_identical_pairs_are_reported() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let Some(tok) = common::fixture_tokenizer() else {
+        return;
+    };
+    let mut a = args(shared.join("data"), &["comparison_gpt4_zh"]);
+    a.template = "chatml".into();
+    a.disable_cache = true;
+    let r = llmtune_data::inspect(&a, &tok, Stage::Rm, false).unwrap();
+    assert_eq!(r.identical_pair_count(), 20);
+    assert_eq!(r.stats.kept, 2403);
+    let text = r.to_string();
+    assert!(
+        text.contains("pairs with chosen == rejected: 20 (kept;"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  comparison_gpt4_zh: 20 at records "),
+        "{text}"
+    );
+    assert!(
+        text.contains(", ...\n"),
+        "only the first ones are listed: {text}"
+    );
+}

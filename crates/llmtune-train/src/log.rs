@@ -7,8 +7,10 @@
 //! ```
 //!
 //! Keys in this order: `current_steps`, `total_steps`, `loss`, `eval_loss`,
-//! `predict_loss`, `reward`, `learning_rate`, `epoch`, `percentage`,
-//! `elapsed_time`, `remaining_time`; absent values are omitted. `percentage`
+//! further metrics by name (e.g. the reward model's `eval_accuracy`, as HF's
+//! Trainer logs it next to `eval_loss`), `predict_loss`, `reward`,
+//! `learning_rate`, `epoch`, `percentage`, `elapsed_time`, `remaining_time`;
+//! absent values are omitted. `percentage`
 //! is `round(current / total * 100, 2)`; times are Python's
 //! `str(timedelta(seconds=int(t)))` (`H:MM:SS`, `1 day, H:MM:SS`), the
 //! remaining time extrapolated from the mean time per step.
@@ -17,6 +19,7 @@
 //! appending, then fsynced. Readers drop a last line without its newline
 //! (a torn write), so a kill never leaves a line that breaks parsing.
 
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -60,6 +63,10 @@ pub struct TrainerLogLine {
     /// Evaluation loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// Further metrics by name (e.g. `eval_accuracy`), written after `eval_loss` in name
+    /// order; reading collects every unknown numeric key here.
+    #[serde(flatten, default)]
+    pub extra: BTreeMap<String, Option<f64>>,
     /// Prediction loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predict_loss: Option<f64>,
@@ -107,6 +114,7 @@ impl TrainerLogLine {
             total_steps,
             loss: None,
             eval_loss: None,
+            extra: BTreeMap::new(),
             predict_loss: None,
             reward: None,
             learning_rate: None,
@@ -133,14 +141,15 @@ impl TrainerLogLine {
         out.push_str(&self.current_steps.to_string());
         key(&mut out, "total_steps");
         out.push_str(&self.total_steps.to_string());
-        let optional = [
-            ("loss", self.loss),
-            ("eval_loss", self.eval_loss),
+        let mut optional: Vec<(&str, Option<f64>)> =
+            vec![("loss", self.loss), ("eval_loss", self.eval_loss)];
+        optional.extend(self.extra.iter().map(|(k, v)| (k.as_str(), *v)));
+        optional.extend([
             ("predict_loss", self.predict_loss),
             ("reward", self.reward),
             ("learning_rate", self.learning_rate),
             ("epoch", self.epoch),
-        ];
+        ]);
         for (k, v) in optional {
             if let Some(v) = v {
                 key(&mut out, k);
@@ -304,6 +313,17 @@ mod tests {
              \"percentage\": 33.33, \"elapsed_time\": \"0:00:01\", \"remaining_time\": \"0:00:02\"}"
         );
         assert_eq!(TrainerLogLine::parse(&e.to_json()).unwrap(), e);
+        // Further metrics (HF's `eval_accuracy`) follow eval_loss and read back.
+        let mut m = TrainerLogLine::new(2, 4, 2, 2.0);
+        m.eval_loss = Some(0.5);
+        m.extra.insert("eval_accuracy".into(), Some(0.75));
+        m.epoch = Some(0.5);
+        assert_eq!(
+            m.to_json(),
+            "{\"current_steps\": 2, \"total_steps\": 4, \"eval_loss\": 0.5, \"eval_accuracy\": 0.75, \
+             \"epoch\": 0.5, \"percentage\": 50.0, \"elapsed_time\": \"0:00:02\", \"remaining_time\": \"0:00:02\"}"
+        );
+        assert_eq!(TrainerLogLine::parse(&m.to_json()).unwrap(), m);
     }
 
     #[test]

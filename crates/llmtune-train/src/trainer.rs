@@ -51,6 +51,16 @@ pub trait Task {
     fn restore_state(&mut self, _state: &serde_json::Value) -> Result<()> {
         Ok(())
     }
+    /// Called before each pass over the evaluation set: reset what
+    /// [`Task::eval_metrics`] accumulates.
+    fn eval_begin(&mut self) {}
+    /// Metrics beyond the loss, accumulated by [`Task::loss`] over the evaluation pass since
+    /// [`Task::eval_begin`], named without the `eval_` prefix (the reward model's
+    /// `("accuracy", 0.75)`). The trainer logs them as `eval_{name}` next to `eval_loss`, as
+    /// HF's Trainer does with `compute_metrics`.
+    fn eval_metrics(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// [`Task::loss_and_grads`] by one backward pass through [`Task::loss`].
@@ -106,21 +116,31 @@ pub struct TrainOutcome {
     pub global_step: u64,
     pub train_loss: f64,
     pub eval_loss: Option<f64>,
+    /// The final evaluation's further metrics, with their `eval_` prefix (`eval_accuracy`).
+    pub eval_metrics: BTreeMap<String, f64>,
     pub runtime_secs: f64,
 }
 
-fn mean_eval_loss(task: &mut dyn Task, eval_set: usize, bs: usize) -> Result<f64> {
+/// One pass over the evaluation set: the mean of the batch losses and the task's further
+/// metrics, named `eval_{name}`.
+fn evaluate(task: &mut dyn Task, eval_set: usize, bs: usize) -> Result<(f64, Vec<(String, f64)>)> {
     task.set_training(false);
+    task.eval_begin();
     let idx: Vec<usize> = (0..eval_set).collect();
     let mut sum = 0.0;
     let mut n = 0usize;
-    for chunk in idx.chunks(bs) {
+    for chunk in idx.chunks(bs.max(1)) {
         let (loss, _) = task.loss(chunk, true)?;
         sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         n += 1;
     }
+    let metrics = task
+        .eval_metrics()
+        .into_iter()
+        .map(|(k, v)| (format!("eval_{k}"), v))
+        .collect();
     task.set_training(true);
-    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+    Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, metrics))
 }
 
 /// Runs training. `train_len`/`eval_len` are the sizes of the sets `task.loss` indexes.
@@ -274,15 +294,27 @@ pub fn train(
             }
             if let Some(every) = cfg.eval_steps {
                 if eval_len > 0 && every > 0 && step % every as u64 == 0 {
-                    let el = mean_eval_loss(task, eval_len, cfg.eval_batch_size)?;
+                    let (el, extra) = evaluate(task, eval_len, cfg.eval_batch_size)?;
                     let el = crate::io::py_round(el, 4);
-                    state.log(&[("eval_loss", el)]);
+                    let extra: Vec<(String, f64)> = extra
+                        .into_iter()
+                        .map(|(k, v)| (k, crate::io::py_round(v, 4)))
+                        .collect();
+                    let mut logged: Vec<(&str, f64)> = vec![("eval_loss", el)];
+                    logged.extend(extra.iter().map(|(k, v)| (k.as_str(), *v)));
+                    state.log(&logged);
                     let mut line =
                         TrainerLogLine::new(step, total_steps, step - start_step, elapsed);
                     line.eval_loss = Some(el);
+                    line.extra = extra.iter().map(|(k, v)| (k.clone(), Some(*v))).collect();
                     line.epoch = Some(crate::io::py_round(epoch_f, 2));
                     log.append(&line)?;
-                    progress.println(&format!("step {step}: eval_loss {el}"));
+                    let shown: String = logged
+                        .iter()
+                        .map(|(k, v)| format!(" {k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    progress.println(&format!("step {step}:{shown}"));
                     last_eval = Some(el);
                 }
             }
@@ -332,8 +364,11 @@ pub fn train(
     if cfg.load_best_model_at_end {
         if let Some(best) = state.best_model_checkpoint.clone() {
             eprintln!(
-                "loading the best checkpoint {best} (eval_loss {:?})",
-                state.best_metric
+                "loading the best checkpoint {best} (eval_loss {})",
+                state
+                    .best_metric
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "unknown".into())
             );
             task.load(Path::new(&best))?;
         }
@@ -357,10 +392,15 @@ pub fn train(
         ("train_runtime", crate::io::py_round(runtime, 4)),
     ]);
     let mut eval_loss = None;
+    let mut eval_metrics = BTreeMap::new();
     if eval_len > 0 {
-        let el = mean_eval_loss(task, eval_len, cfg.eval_batch_size)?;
+        let (el, extra) = evaluate(task, eval_len, cfg.eval_batch_size)?;
         let mut em = Metrics::new();
         em.insert("eval_loss".into(), crate::state::f64_value(el));
+        for (k, v) in extra {
+            em.insert(k.clone(), crate::state::f64_value(v));
+            eval_metrics.insert(k, v);
+        }
         em.insert(
             "epoch".into(),
             crate::state::f64_value(state.epoch.unwrap_or(0.0)),
@@ -373,6 +413,7 @@ pub fn train(
         global_step: state.global_step,
         train_loss,
         eval_loss,
+        eval_metrics,
         runtime_secs: runtime,
     })
 }

@@ -13,6 +13,7 @@ use crate::error::{other, Error, Result};
 use crate::trainer::TrainerConfig;
 
 pub mod predict;
+pub mod rm;
 pub mod sft;
 
 /// Runs what the arguments ask for.
@@ -27,7 +28,12 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         StageArg::Sft => Err(Error::InvalidArgument(
             "--do_eval without --predict_with_generate is not supported yet; pass --predict_with_generate".into(),
         )),
-        StageArg::Rm | StageArg::Ppo => Err(Error::InvalidArgument(format!(
+        StageArg::Rm if args.do_train => rm::run(args, device),
+        StageArg::Rm if args.do_predict || args.do_eval => rm::predict(args, device),
+        StageArg::Rm => Err(Error::InvalidArgument(
+            "--stage rm needs --do_train, --do_eval or --do_predict".into(),
+        )),
+        StageArg::Ppo => Err(Error::InvalidArgument(format!(
             "--stage {:?} is not implemented yet",
             args.stage
         ))),
