@@ -26,7 +26,7 @@ enum Command {
     /// Streaming terminal chat with a model and its adapters.
     Chat(cmd::chat::ChatArgs),
     /// OpenAI-compatible API server.
-    Api(cmd::stub::StubArgs),
+    Api(cmd::api::ApiArgs),
     /// Browser chat served at `/`.
     Web(cmd::stub::StubArgs),
     /// Merge adapters and export the model (HF layout or GGUF).
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         Command::Train(a) => cmd::train::run(*a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
-        Command::Api(_) => cmd::stub::not_yet("api"),
+        Command::Api(a) => cmd::api::run(a),
         Command::Web(_) => cmd::stub::not_yet("web"),
         Command::Export(a) => cmd::export::run(a),
         Command::Data(a) => cmd::data::run(a),

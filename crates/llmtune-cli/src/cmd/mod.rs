@@ -1,3 +1,4 @@
+pub mod api;
 pub mod bench;
 pub mod chat;
 pub mod data;
