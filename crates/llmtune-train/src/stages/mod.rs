@@ -12,6 +12,7 @@ use crate::args::{FinetuningType, StageArg, TrainArgs};
 use crate::error::{other, Error, Result};
 use crate::trainer::TrainerConfig;
 
+pub mod ppo;
 pub mod predict;
 pub mod sft;
 
@@ -27,6 +28,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         StageArg::Sft => Err(Error::InvalidArgument(
             "--do_eval without --predict_with_generate is not supported yet; pass --predict_with_generate".into(),
         )),
+        StageArg::Ppo if args.do_train => ppo::run(args, device),
         StageArg::Rm | StageArg::Ppo => Err(Error::InvalidArgument(format!(
             "--stage {:?} is not implemented yet",
             args.stage
