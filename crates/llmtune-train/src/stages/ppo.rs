@@ -752,3 +752,37 @@ fn train_ppo(
     eprintln!("policy adapter and critic saved to {}", out.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(m: usize) -> RolloutConfig {
+        RolloutConfig {
+            stop_ids: vec![2],
+            eos_id: 2,
+            pad_id: 0,
+            max_target_length: m,
+        }
+    }
+
+    #[test]
+    fn max_new_tokens_uniform_in_half_open_range() {
+        let c = cfg(32);
+        let mut rng = Rng::seed_from_u64(1);
+        let draws: Vec<usize> = (0..2000).map(|_| c.draw_max_new(&mut rng)).collect();
+        assert!(draws.iter().all(|d| (16..32).contains(d)), "{draws:?}");
+        assert!(draws.contains(&16) && draws.contains(&31));
+        assert_eq!(cfg(1).draw_max_new(&mut rng), 1);
+        assert_eq!(cfg(2).draw_max_new(&mut rng), 1);
+    }
+
+    #[test]
+    fn short_responses_become_eos_eos() {
+        let c = cfg(8);
+        assert_eq!(c.response(&[]), vec![2, 2]);
+        assert_eq!(c.response(&[7]), vec![2, 2]);
+        assert_eq!(c.response(&[7, 2]), vec![7, 2]);
+        assert_eq!(c.response(&[7, 8, 9]), vec![7, 8, 9]);
+    }
+}
