@@ -107,6 +107,24 @@ impl Sampler {
             return argmax(logits);
         }
         let temp = cfg.temperature.max(1e-5) as f32;
+        if (cfg.top_k == 0 || cfg.top_k >= logits.len()) && cfg.top_p >= 1.0 {
+            // Plain sampling from the whole softmax (PPO's rollouts): no sort needed.
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) / temp;
+            let probs: Vec<f64> = logits
+                .iter()
+                .map(|&l| ((l / temp - max) as f64).exp())
+                .collect();
+            let z: f64 = probs.iter().sum();
+            let r: f64 = self.rng.random::<f64>() * z;
+            let mut cum = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                cum += p;
+                if r < cum {
+                    return i as u32;
+                }
+            }
+            return probs.iter().rposition(|&p| p > 0.0).unwrap_or(0) as u32;
+        }
         // Candidates sorted by logit, descending.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let k = if cfg.top_k == 0 {
@@ -344,6 +362,25 @@ mod tests {
         assert_ne!(a, draw(12));
         let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
         assert!((ones - 0.75).abs() < 0.04, "p(1) = {ones}");
+    }
+
+    #[test]
+    fn full_softmax_sampling_applies_temperature() {
+        // top_k 0, top_p 1 (no sort): temperature 2 on logits [0, 2 ln 2, 2 ln 3] gives
+        // probabilities 1/6, 2/6, 3/6.
+        let c = GenerationConfig {
+            temperature: 2.0,
+            ..cfg()
+        };
+        let mut s = Sampler::new(5);
+        let mut hits = [0usize; 3];
+        let l = [0.0f32, 2.0 * 2f32.ln(), 2.0 * 3f32.ln()];
+        for _ in 0..6000 {
+            hits[s.pick(&mut l.clone(), &[], &c) as usize] += 1;
+        }
+        for (h, p) in hits.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
+            assert!((*h as f64 / 6000.0 - p).abs() < 0.02, "{hits:?}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | [`log`] | `trainer_log.jsonl` lines as the reference's `LogCallback` |
 //! | [`checkpoint`] | atomic `checkpoint-N/` save/load, `save_total_limit` pruning, `--resume_from_checkpoint` |
 //! | [`plot`] | `training_{key}.png` loss/reward curves |
+//! | [`ppo`] | PPO: TRL 0.4's rewards, GAE, clipped losses and KL controller; rollout layout and scoring |
 //! | [`progress`] | a terminal bar or plain log lines |
 //! | [`rng`] | [`Rng`], a seedable RNG with a serialisable state |
 //! | [`io`] | [`atomic_write`], [`write_json_sorted`], Python-compatible JSON |
@@ -26,6 +27,7 @@ pub mod io;
 pub mod log;
 pub mod optim;
 pub mod plot;
+pub mod ppo;
 pub mod progress;
 pub mod rng;
 pub mod schedule;

@@ -31,6 +31,27 @@ pub enum BenchAction {
     /// Writes the logits of token-id sequences (`ids.{i}` in a safetensors file) as
     /// `logits.{i}`, for comparisons with other implementations.
     Logits(LogitsArgs),
+    /// PPO rollout throughput: sampled generation as PPO samples (`top_k 0`, `top_p 1`,
+    /// temperature 1, no stop ids so every row makes `new_tokens`) of `batch` prompts of
+    /// different lengths, once as one left-padded batch with a KV cache and once one prompt at a
+    /// time. Prints generated tokens/s of each, prefill included (a rollout pays for it).
+    Rollout(RolloutArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(rename_all = "snake_case")]
+pub struct RolloutArgs {
+    #[arg(long)]
+    pub model_name_or_path: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Length of the longest prompt; prompt i has `prompt_tokens - 3 i` tokens (at least 4).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +120,7 @@ pub fn run(c: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchAction::Decode(a) => decode(a),
         BenchAction::Logits(a) => logits(a),
         BenchAction::Train(a) => train(a),
+        BenchAction::Rollout(a) => rollout(a),
     }
 }
 
@@ -350,5 +372,70 @@ fn logits(a: LogitsArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(i > 0, "{}: no tensor named ids.0", a.ids.display());
     candle_core::safetensors::save(&out, &a.out)?;
     eprintln!("wrote {} sequences' logits to {}", i, a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rollout(a: RolloutArgs) -> anyhow::Result<ExitCode> {
+    let name = model_or_default(&a.model_name_or_path);
+    let dev = device()?;
+    let p = llmtune_models::load_pretrained(&name, compute_dtype(&dev), &dev)
+        .with_context(|| format!("loading {name}"))?;
+    let text = "新冠肺炎的症状包括发热、干咳和乏力。The patient asks whether a cough after two \
+                weeks means the infection is still active, and what to do about the fever.";
+    let mut ids = p.tokenizer.encode(text, false)?;
+    anyhow::ensure!(
+        !ids.is_empty(),
+        "the tokenizer encoded the bench text to nothing"
+    );
+    while ids.len() < a.prompt_tokens.max(4) {
+        ids.extend_from_within(..);
+    }
+    let prompts: Vec<Vec<u32>> = (0..a.batch.max(1))
+        .map(|i| ids[..a.prompt_tokens.saturating_sub(3 * i).max(4)].to_vec())
+        .collect();
+    let pad = p.tokenizer.pad_id().unwrap_or(0);
+    let cfg = GenerationConfig {
+        do_sample: true,
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        max_new_tokens: a.new_tokens,
+        stop_ids: vec![],
+        seed: a.seed,
+        ..Default::default()
+    };
+    // Warm-up (allocator, thread pool).
+    generate(
+        &p.model,
+        &prompts[..1],
+        pad,
+        &GenerationConfig {
+            max_new_tokens: 2,
+            ..cfg.clone()
+        },
+        |_, _| {},
+    )?;
+    let t = Instant::now();
+    let out = generate(&p.model, &prompts, pad, &cfg, |_, _| {})?;
+    let batched_s = t.elapsed().as_secs_f64();
+    let batched_n: usize = out.iter().map(|g| g.tokens.len()).sum();
+    let t = Instant::now();
+    let mut single_n = 0;
+    for pr in &prompts {
+        let g = generate(&p.model, std::slice::from_ref(pr), pad, &cfg, |_, _| {})?;
+        single_n += g[0].tokens.len();
+    }
+    let single_s = t.elapsed().as_secs_f64();
+    let (bt, st) = (batched_n as f64 / batched_s, single_n as f64 / single_s);
+    println!(
+        "model: {name} prompts: {} (prompt tokens {}..{}) new_tokens: {} sampling: top_k 0, top_p 1, temperature 1",
+        prompts.len(),
+        prompts.last().map(Vec::len).unwrap_or(0),
+        prompts[0].len(),
+        a.new_tokens
+    );
+    println!("batched: {batched_n} tokens in {batched_s:.3}s = {bt:.2} tokens/s");
+    println!("single:  {single_n} tokens in {single_s:.3}s = {st:.2} tokens/s");
+    println!("speedup: {:.2}x", bt / st);
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,7 @@ use crate::args::{FinetuningType, StageArg, TrainArgs};
 use crate::error::{other, Error, Result};
 use crate::trainer::TrainerConfig;
 
+pub mod ppo;
 pub mod predict;
 pub mod rm;
 pub mod sft;
@@ -33,10 +34,10 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         StageArg::Rm => Err(Error::InvalidArgument(
             "--stage rm needs --do_train, --do_eval or --do_predict".into(),
         )),
-        StageArg::Ppo => Err(Error::InvalidArgument(format!(
-            "--stage {:?} is not implemented yet",
-            args.stage
-        ))),
+        StageArg::Ppo if args.do_train => ppo::run(args, device),
+        StageArg::Ppo => Err(Error::InvalidArgument(
+            "--stage ppo needs --do_train (PPO has no predict step; predict with --stage sft)".into(),
+        )),
     }
 }
 
