@@ -280,7 +280,8 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(
+    /// One decoder layer: `x + attn(norm(x))`, then `h + mlp(norm(h))`.
+    pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
@@ -296,6 +297,23 @@ impl DecoderLayer {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?;
         Ok((h + m)?)
+    }
+}
+
+/// Rotary tables and the additive attention mask of one full-sequence pass
+/// ([`Llama::layer_context`]); lets callers run the layers one at a time (gradient
+/// checkpointing).
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+}
+
+impl LayerContext {
+    /// Runs `layer` on `x` `[b, t, hidden]` without a cache.
+    pub fn forward(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
+        layer.forward(x, &self.cos, &self.sin, &self.mask, None)
     }
 }
 
@@ -479,6 +497,34 @@ impl Llama {
         Ok(self.norm.forward(&x)?)
     }
 
+    /// Token embeddings `[b, t, hidden]` of `input_ids` `[b, t]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = self.ids_on_device(input_ids)?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The rotary tables and additive mask every layer needs for a full-sequence pass without
+    /// a cache (positions from the mask, as [`Llama::forward_hidden`] does).
+    pub fn layer_context(
+        &self,
+        attention_mask: Option<&Tensor>,
+        b: usize,
+        t: usize,
+    ) -> Result<LayerContext> {
+        let mask = match attention_mask {
+            Some(m) => mask_rows(m)?,
+            None => vec![vec![1u8; t]; b],
+        };
+        let positions = positions_from_mask(&mask, t);
+        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
+        let mask = causal_mask(&mask, t, self.dtype, &self.device)?;
+        Ok(LayerContext { cos, sin, mask })
+    }
+
     /// Per-layer residual streams (before the final norm) for parity tests.
     pub fn forward_layers(
         &self,
@@ -486,21 +532,11 @@ impl Llama {
         attention_mask: Option<&Tensor>,
     ) -> Result<Vec<Tensor>> {
         let (b, t) = input_ids.dims2()?;
-        let mask = match attention_mask {
-            Some(m) => mask_rows(m)?,
-            None => vec![vec![1u8; t]; b],
-        };
-        let positions = positions_from_mask(&mask, t);
-        let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
-        let additive = causal_mask(&mask, t, self.dtype, &self.device)?;
-        let ids = self.ids_on_device(input_ids)?;
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((b, t, self.cfg.hidden_size))?;
+        let ctx = self.layer_context(attention_mask, b, t)?;
+        let mut x = self.embed(input_ids)?;
         let mut outs = Vec::new();
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &additive, None)?;
+            x = ctx.forward(layer, &x)?;
             outs.push(x.clone());
         }
         Ok(outs)

@@ -77,6 +77,62 @@ impl WeightSource for MapSource {
     }
 }
 
+/// Random weights drawn on demand, for benchmarks: every matrix ~ N(0, `std`^2) (transformers'
+/// `initializer_range`, 0.02 by default), norm weights one, biases zero. Drawn directly on the
+/// target device, so an 8B model never passes through host memory.
+pub struct RandomSource {
+    pub std: f64,
+    /// `[vocab, hidden]`, for the untied `lm_head.weight` (asked for without a shape).
+    lm_head: [usize; 2],
+    location: PathBuf,
+}
+
+impl RandomSource {
+    pub fn new(cfg: &crate::LlamaConfig, std: f64) -> Self {
+        Self {
+            std,
+            lm_head: [cfg.vocab_size, cfg.hidden_size],
+            location: PathBuf::from("<random weights>"),
+        }
+    }
+
+    fn draw(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, dtype, device)?
+        } else if name.ends_with(".bias") {
+            Tensor::zeros(shape, dtype, device)?
+        } else {
+            Tensor::randn(0f32, self.std as f32, shape, device)?.to_dtype(dtype)?
+        };
+        Ok(t)
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Only `lm_head.weight` is asked for without a shape.
+    fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        if name == "lm_head.weight" {
+            return Ok(Some(self.draw(name, &self.lm_head, dtype, device)?));
+        }
+        Ok(None)
+    }
+    fn location(&self) -> &Path {
+        &self.location
+    }
+    fn require(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.draw(name, shape, dtype, device)
+    }
+}
+
 /// Memory-mapped safetensors file(s).
 pub struct SafetensorsSource {
     st: candle_core::safetensors::MmapedSafetensors,

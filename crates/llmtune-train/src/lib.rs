@@ -20,6 +20,7 @@
 
 pub mod args;
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod error;
 pub mod io;
 pub mod log;

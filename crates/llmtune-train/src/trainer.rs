@@ -25,6 +25,18 @@ pub trait Task {
     /// Mean loss of micro-batch `batch` (indices into the training or evaluation set) and the
     /// number of tokens it processed. The loss must depend on the trainable variables.
     fn loss(&mut self, batch: &[usize], eval: bool) -> Result<(Tensor, u64)>;
+    /// Training micro-batch `batch`: the loss value, its token count and the gradients of
+    /// `loss * scale` for `vars` (`None` when the loss is not finite). The default runs
+    /// [`Task::loss`] and one backward pass; a task overrides it to get its gradients another
+    /// way (gradient checkpointing).
+    fn loss_and_grads(
+        &mut self,
+        batch: &[usize],
+        scale: f64,
+        vars: &[(String, Var)],
+    ) -> Result<(f64, u64, Option<Gradients>)> {
+        plain_loss_and_grads(self, batch, scale, vars)
+    }
     /// Writes the trained weights (adapter, value head) into `dir`.
     fn save(&self, dir: &Path) -> Result<()>;
     /// Restores the trained weights from `dir` (load_best_model_at_end).
@@ -39,6 +51,22 @@ pub trait Task {
     fn restore_state(&mut self, _state: &serde_json::Value) -> Result<()> {
         Ok(())
     }
+}
+
+/// [`Task::loss_and_grads`] by one backward pass through [`Task::loss`].
+pub fn plain_loss_and_grads<T: Task + ?Sized>(
+    task: &mut T,
+    batch: &[usize],
+    scale: f64,
+    vars: &[(String, Var)],
+) -> Result<(f64, u64, Option<Gradients>)> {
+    let (loss, tokens) = task.loss(batch, false)?;
+    let lv = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    if !lv.is_finite() {
+        return Ok((lv, tokens, None));
+    }
+    let store = (loss * scale)?.backward()?;
+    Ok((lv, tokens, Some(Gradients::from_grad_store(&store, vars)?)))
 }
 
 const TASK_STATE: &str = "task_state.json";
@@ -185,9 +213,8 @@ pub fn train(
         let usable = (steps_per_epoch * accum).min(batches.len());
         let mut b = pos.batch_in_epoch as usize;
         while b < usable {
-            let (loss, tokens) = task.loss(batches[b], false)?;
-            let lv = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !lv.is_finite() {
+            let (lv, tokens, grads) = task.loss_and_grads(batches[b], 1.0 / accum as f64, &vars)?;
+            let Some(grads) = grads.filter(|_| lv.is_finite()) else {
                 let keep = last_good_checkpoint
                     .as_ref()
                     .map(|p| format!("the last good checkpoint is {}", p.display()))
@@ -198,10 +225,8 @@ pub fn train(
                     state.global_step + 1,
                     pos.epoch
                 )));
-            }
-            let scaled = (loss / accum as f64)?;
-            let grads = scaled.backward()?;
-            acc.add(&grads)?;
+            };
+            acc.add_gradients(&grads)?;
             step_loss += lv / accum as f64;
             step_tokens += tokens;
             b += 1;

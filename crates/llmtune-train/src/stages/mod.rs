@@ -199,9 +199,32 @@ pub fn lora_target(args: &TrainArgs) -> String {
 
 pub(crate) fn check_finetuning(args: &TrainArgs) -> Result<()> {
     match args.finetuning_type {
-        FinetuningType::Lora => Ok(()),
+        FinetuningType::Lora | FinetuningType::Freeze | FinetuningType::Full => Ok(()),
         other => Err(Error::InvalidArgument(format!(
-            "--finetuning_type {other:?} is not implemented yet in the trainer (use lora)"
+            "--finetuning_type {other:?} is not implemented yet (use lora, freeze or full)"
         ))),
+    }
+}
+
+/// Applies `--checkpoint_dir` for the run's `--finetuning_type`: LoRA folders as SPEC §6 says
+/// (merged, or the last one resumed when training with `--resume_lora_training`); for
+/// `freeze`/`full`, the trained tensors of the (single) folder are loaded into the base.
+pub fn apply_checkpoint_dirs(
+    args: &TrainArgs,
+    model: &mut llmtune_models::Llama,
+    training: bool,
+) -> Result<llmtune_adapters::Checkpoints> {
+    let dirs = args.checkpoint_dirs();
+    match args.finetuning_type {
+        FinetuningType::Freeze | FinetuningType::Full => {
+            for d in &dirs {
+                let names = llmtune_adapters::load_params(model, Path::new(d)).map_err(other)?;
+                eprintln!("loaded {} trained tensors from {d}", names.len());
+            }
+            llmtune_adapters::apply_checkpoints::<_, &str>(model, &[], false, training)
+                .map_err(other)
+        }
+        _ => llmtune_adapters::apply_checkpoints(model, &dirs, args.resume_lora_training, training)
+            .map_err(other),
     }
 }

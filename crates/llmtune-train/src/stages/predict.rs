@@ -6,7 +6,6 @@ use std::io::Write;
 use std::time::Instant;
 
 use candle_core::Device;
-use llmtune_adapters::apply_checkpoints;
 use llmtune_data::{Example, Stage};
 use llmtune_generate::{generate, GenerationConfig};
 
@@ -19,8 +18,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let out = super::output_dir(args, false)?;
     let (mut p, _) = super::load_model(args, device)?;
     let template = super::template_name(args, &p);
-    let dirs = args.checkpoint_dirs();
-    let mut ck = apply_checkpoints(&mut p.model, &dirs, false, false).map_err(other)?;
+    let mut ck = super::apply_checkpoint_dirs(args, &mut p.model, false)?;
     // Inference: fold every adapter into the base weights (no per-token adapter cost).
     ck.lora.merge_all(&mut p.model).map_err(other)?;
     let prepared = super::prepare(args, &p.tokenizer, template.clone(), Stage::Sft, true)?;

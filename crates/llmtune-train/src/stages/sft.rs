@@ -1,4 +1,4 @@
-//! Supervised fine-tuning with LoRA: the next-token loss over the response tokens.
+//! Supervised fine-tuning (LoRA, freeze or full): the next-token loss over the response tokens.
 //!
 //! 1. Load the base model and tokenizer.
 //! 2. Apply the `--checkpoint_dir` adapters and add (or resume) the trainable LoRA.
@@ -8,24 +8,46 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use llmtune_adapters::{apply_checkpoints, Lora, LoraConfig};
+use candle_core::{DType, Device, Tensor, Var};
+use llmtune_adapters::{Lora, LoraConfig, ModuleGroup};
 use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
 use llmtune_models::Llama;
 
-use crate::args::TrainArgs;
+use crate::args::{FinetuningType, TrainArgs};
+use crate::checkpointing::checkpointed_grads;
 use crate::error::{other, Result};
-use crate::trainer::{train, Task};
+use crate::optim::Gradients;
+use crate::trainer::{plain_loss_and_grads, train, Task};
+
+/// What the run trains.
+enum Trained {
+    /// A LoRA adapter (saved in PEFT's layout).
+    Lora { lora: Lora, adapter: String },
+    /// Base tensors (`freeze`, `full`), saved as `model.safetensors`.
+    Params(Vec<(String, Var)>),
+}
 
 struct SftTask<'a> {
     model: &'a Llama,
-    lora: Lora,
-    adapter: String,
+    trained: Trained,
     base_name: String,
     train: Vec<Example>,
     eval: Vec<Example>,
     collate: CollateArgs,
     device: Device,
+    /// `--gradient_checkpointing`: recompute each layer in the backward pass.
+    checkpointing: bool,
+}
+
+impl SftTask<'_> {
+    fn batch(&self, batch: &[usize], eval: bool) -> Result<(Tensor, Tensor, llmtune_data::Batch)> {
+        let set = if eval { &self.eval } else { &self.train };
+        let rows: Vec<&Example> = batch.iter().map(|&i| &set[i]).collect();
+        let b = collate(&rows, &self.collate).map_err(other)?;
+        let ids = Tensor::from_vec(b.input_ids.clone(), (b.rows, b.seq_len), &self.device)?;
+        let mask = Tensor::from_vec(b.attention_mask.clone(), (b.rows, b.seq_len), &self.device)?;
+        Ok((ids, mask, b))
+    }
 }
 
 /// Mean next-token cross-entropy over label tokens (`logits[:, :-1]` vs `labels[:, 1:]`).
@@ -45,12 +67,36 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], rows: usize, len: usize) 
 }
 
 impl Task for SftTask<'_> {
+    fn loss_and_grads(
+        &mut self,
+        batch: &[usize],
+        scale: f64,
+        vars: &[(String, Var)],
+    ) -> Result<(f64, u64, Option<Gradients>)> {
+        if !self.checkpointing {
+            return plain_loss_and_grads(self, batch, scale, vars);
+        }
+        let (ids, mask, b) = self.batch(batch, false)?;
+        let labels = b
+            .labels
+            .as_ref()
+            .ok_or_else(|| other("SFT batch without labels"))?;
+        let model = self.model;
+        let lora = match &self.trained {
+            Trained::Lora { lora, .. } => Some(lora),
+            Trained::Params(_) => None,
+        };
+        let (loss, grads) = checkpointed_grads(model, &ids, Some(&mask), lora, vars, |h| {
+            let logits = model.logits(h).map_err(other)?.to_dtype(DType::F32)?;
+            Ok((causal_lm_loss(&logits, labels, b.rows, b.seq_len)? * scale)?)
+        })?;
+        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / scale;
+        let tokens = b.attention_mask.iter().map(|&m| m as u64).sum();
+        Ok((lv, tokens, Some(grads).filter(|_| lv.is_finite())))
+    }
+
     fn loss(&mut self, batch: &[usize], eval: bool) -> Result<(Tensor, u64)> {
-        let set = if eval { &self.eval } else { &self.train };
-        let rows: Vec<&Example> = batch.iter().map(|&i| &set[i]).collect();
-        let b = collate(&rows, &self.collate).map_err(other)?;
-        let ids = Tensor::from_vec(b.input_ids.clone(), (b.rows, b.seq_len), &self.device)?;
-        let mask = Tensor::from_vec(b.attention_mask.clone(), (b.rows, b.seq_len), &self.device)?;
+        let (ids, mask, b) = self.batch(batch, eval)?;
         let (logits, _) = self
             .model
             .forward(&ids, Some(&mask), None, None)
@@ -65,34 +111,61 @@ impl Task for SftTask<'_> {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        self.lora
-            .save_peft(&self.adapter, dir, &self.base_name)
-            .map_err(other)
+        match &self.trained {
+            Trained::Lora { lora, adapter } => {
+                lora.save_peft(adapter, dir, &self.base_name).map_err(other)
+            }
+            Trained::Params(vars) => {
+                llmtune_adapters::save_params(&dir.join(llmtune_adapters::tune::PARAMS_NAME), vars)
+                    .map_err(other)
+            }
+        }
     }
 
     fn load(&mut self, dir: &Path) -> Result<()> {
-        self.lora
-            .load_weights_into(&self.adapter, dir)
-            .map_err(other)
+        match &self.trained {
+            Trained::Lora { lora, adapter } => lora.load_weights_into(adapter, dir).map_err(other),
+            Trained::Params(vars) => {
+                let file = dir.join(llmtune_adapters::tune::PARAMS_NAME);
+                let saved = candle_core::safetensors::load(&file, &self.device)
+                    .map_err(|e| other(format!("{}: {e}", file.display())))?;
+                for (name, var) in vars {
+                    let t = saved
+                        .get(name)
+                        .ok_or_else(|| other(format!("{}: no tensor {name}", file.display())))?;
+                    var.set(&t.to_dtype(var.dtype())?)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     fn set_training(&mut self, training: bool) {
-        self.lora.set_training(training);
+        if let Trained::Lora { lora, .. } = &self.trained {
+            lora.set_training(training);
+        }
     }
 
     fn state(&self) -> serde_json::Value {
-        let (seed, calls) = self.lora.dropout_state();
-        serde_json::json!({"lora_dropout_seed": seed, "lora_dropout_calls": calls})
+        match &self.trained {
+            Trained::Lora { lora, .. } => {
+                let (seed, calls) = lora.dropout_state();
+                serde_json::json!({"lora_dropout_seed": seed, "lora_dropout_calls": calls})
+            }
+            Trained::Params(_) => serde_json::Value::Null,
+        }
     }
 
     fn restore_state(&mut self, v: &serde_json::Value) -> Result<()> {
+        let Trained::Lora { lora, .. } = &self.trained else {
+            return Ok(());
+        };
         let get = |k: &str| {
             v.get(k)
                 .and_then(|x| x.as_u64())
                 .ok_or_else(|| other(format!("task_state.json: no {k}")))
         };
-        self.lora
-            .set_dropout_state(get("lora_dropout_seed")?, get("lora_dropout_calls")?);
+        lora.set_dropout_state(get("lora_dropout_seed")?, get("lora_dropout_calls")?);
         Ok(())
     }
 }
@@ -103,31 +176,57 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let out = super::output_dir(args, true)?;
     let (mut p, base_name) = super::load_model(args, device)?;
     let template = super::template_name(args, &p);
-    let dirs = args.checkpoint_dirs();
-    let mut ck =
-        apply_checkpoints(&mut p.model, &dirs, args.resume_lora_training, true).map_err(other)?;
-    let cfg = LoraConfig::new(
-        args.lora_rank,
-        args.lora_alpha,
-        args.lora_dropout,
-        &super::lora_target(args),
-    )
-    .map_err(other)?;
-    let adapter = ck
-        .ensure_trainable(&mut p.model, &cfg, args.seed)
-        .map_err(other)?
-        .to_string();
-    ck.lora.set_dropout_seed(args.seed);
-    ck.lora.set_training(true);
-    let vars = ck.lora.trainable();
-    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    eprintln!(
-        "model {base_name} ({} layers), template {template}, LoRA r={} alpha={} on {}: {n_params} trainable parameters",
-        p.model.cfg.num_hidden_layers,
-        args.lora_rank,
-        args.lora_alpha,
-        super::lora_target(args)
-    );
+    let mut ck = super::apply_checkpoint_dirs(args, &mut p.model, true)?;
+    let (trained, vars) = match args.finetuning_type {
+        FinetuningType::Freeze | FinetuningType::Full => {
+            let vars = if args.finetuning_type == FinetuningType::Full {
+                llmtune_adapters::full(&mut p.model)
+            } else {
+                let group = ModuleGroup::parse(&args.name_module_trainable).map_err(other)?;
+                llmtune_adapters::freeze(&mut p.model, args.num_layer_trainable, group)
+            }
+            .map_err(other)?;
+            let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            eprintln!(
+                "model {base_name} ({} layers), template {template}, --finetuning_type {:?}: {n} trainable parameters in {} tensors",
+                p.model.cfg.num_hidden_layers,
+                args.finetuning_type,
+                vars.len()
+            );
+            (Trained::Params(vars.clone()), vars)
+        }
+        _ => {
+            let cfg = LoraConfig::new(
+                args.lora_rank,
+                args.lora_alpha,
+                args.lora_dropout,
+                &super::lora_target(args),
+            )
+            .map_err(other)?;
+            let adapter = ck
+                .ensure_trainable(&mut p.model, &cfg, args.seed)
+                .map_err(other)?
+                .to_string();
+            ck.lora.set_dropout_seed(args.seed);
+            ck.lora.set_training(true);
+            let vars = ck.lora.trainable();
+            let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            eprintln!(
+                "model {base_name} ({} layers), template {template}, LoRA r={} alpha={} on {}: {n_params} trainable parameters",
+                p.model.cfg.num_hidden_layers,
+                args.lora_rank,
+                args.lora_alpha,
+                super::lora_target(args)
+            );
+            (
+                Trained::Lora {
+                    lora: ck.lora.clone(),
+                    adapter,
+                },
+                vars,
+            )
+        }
+    };
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Sft, false)?;
     eprintln!(
         "data: {} examples ({} prompts truncated, {} targets cut, {} dropped as over length)",
@@ -145,13 +244,13 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let (nt, ne) = (train_set.len(), eval_set.len());
     let mut task = SftTask {
         model: &p.model,
-        lora: ck.lora.clone(),
-        adapter,
+        trained,
         base_name,
         train: train_set,
         eval: eval_set,
         collate: collate_args,
         device: device.clone(),
+        checkpointing: args.gradient_checkpointing,
     };
     let outcome = train(&tcfg, vars, &mut task, nt, ne)?;
     eprintln!(
@@ -167,6 +266,6 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     if args.plot_loss {
         crate::plot::plot_loss(&out, &["loss", "eval_loss"])?;
     }
-    eprintln!("adapter saved to {}", out.display());
+    eprintln!("trained weights saved to {}", out.display());
     Ok(())
 }
