@@ -59,6 +59,7 @@ TESTS=(
   llmtune-adapters:lora_fixtures
   llmtune-generate:batched
   llmtune-train:adamw_fixtures
+  llmtune-train:gradient_checkpointing
 )
 
 t0=$(date +%s)

@@ -9,6 +9,7 @@ use llmtune_models::{config::LlamaConfig, loader, Llama};
 
 #[path = "../../../../test-support/device.rs"]
 mod device;
+#[allow(unused_imports)] // not every test binary that includes `common` uses each one
 pub use device::{device_name, on_cpu, test_device};
 
 /// The fixtures dir, or `None` (after printing why the test is skipped).

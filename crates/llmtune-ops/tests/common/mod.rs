@@ -6,6 +6,7 @@ use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 
 #[path = "../../../../test-support/device.rs"]
 mod device;
+#[allow(unused_imports)] // not every test binary that includes `common` uses each one
 pub use device::{device_name, on_cpu, test_device};
 
 /// A deterministic pseudo-random vector in `[-scale, scale)` (xorshift; no dependency).
