@@ -20,8 +20,11 @@ if [[ -z $SRC ]]; then
   echo "candle-kernels-0.11.1 not in the cargo registry: run 'cargo fetch' first" >&2
   exit 1
 fi
-rm -rf "$DIR"
-mkdir -p "$DIR"
+# Built in a scratch copy and moved into place only when it differs from DIR, so that an
+# unchanged DIR keeps its timestamps (no rebuild of candle-core and everything above it).
+FINAL=$DIR
+DIR=$(mktemp -d)
+trap 'rm -rf "$DIR"' EXIT
 cp -r "$SRC"/. "$DIR"/
 chmod -R u+w "$DIR"
 rm -rf "$DIR/src/moe" "$DIR/src/mmq_gguf" "$DIR/src/mmvq_gguf.cu"
@@ -66,4 +69,11 @@ assert "pub mod ffi;" in s
 open(lib, "w").write(s.replace("pub mod ffi;", "pub mod ffi;\nmod ffi_stubs;", 1))
 print(f"{len(names)} launcher stubs")
 EOF
-echo "PTX-only candle-kernels in $DIR"
+if [[ -d $FINAL ]] && diff -rq "$DIR" "$FINAL" >/dev/null 2>&1; then
+  echo "PTX-only candle-kernels in $FINAL (unchanged)"
+else
+  rm -rf "$FINAL"
+  mkdir -p "$(dirname "$FINAL")"
+  cp -r "$DIR" "$FINAL"
+  echo "PTX-only candle-kernels in $FINAL"
+fi
