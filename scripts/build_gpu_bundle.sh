@@ -114,7 +114,8 @@ for set in $FIXTURE_SETS; do
   done
 done
 chmod -R u+w "$STAGE"
-(cd "$STAGE" && find . -type f | sort | xargs sha256sum > MANIFEST.sha256)
+(cd "$STAGE" && find . -type f | sort | xargs sha256sum > "$CARGO_TARGET_DIR/MANIFEST.sha256")
+mv "$CARGO_TARGET_DIR/MANIFEST.sha256" "$STAGE/MANIFEST.sha256"
 git -C "$ROOT" rev-parse HEAD > "$STAGE/COMMIT" 2>/dev/null || true
 
 mkdir -p "$DEST"

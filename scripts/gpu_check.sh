@@ -50,7 +50,11 @@ step() {
   ((limit > left)) && limit=$left
   echo
   echo "=== [$name] $(date +%T) $*"
-  timeout --kill-after=10 "$limit" "$@"
+  if declare -F "$1" >/dev/null; then
+    "$@" # a function of this script (timeout runs only programs)
+  else
+    timeout --kill-after=10 "$limit" "$@"
+  fi
   rc=$?
   [[ $rc == 124 || $rc == 137 ]] && echo "=== [$name] TIMED OUT after ${limit}s"
   echo "=== [$name] rc=$rc ($(($(date +%s) - t0)) s)"
@@ -74,7 +78,8 @@ unpack() {
       "$HERE/bundle.tar.xz" "$WORK" || return 1
   fi
   cat "$WORK/COMMIT" 2>/dev/null
-  (cd "$WORK" && sha256sum --quiet -c MANIFEST.sha256) && echo "manifest OK"
+  (cd "$WORK" && sha256sum --quiet -c MANIFEST.sha256) || { echo "manifest check FAILED"; return 1; }
+  echo "manifest OK"
   du -sh "$WORK"/* | sed 's/^/  /'
 }
 step unpack 120 unpack
@@ -104,7 +109,7 @@ EOF
   done
   dirs+=("$WORK/lib") # bundled libcudart.so.13, last resort
   local path="" missing="" deps
-  deps=$(ldd "$BIN" 2>&1)
+  deps=$(ldd "$BIN" 2>&1) || { echo "ldd $BIN failed: $deps"; return 1; }
   for lib in $NEEDED_LIBS; do
     local hit=""
     if ! grep -q "$lib" <<<"$deps"; then

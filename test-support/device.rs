@@ -46,8 +46,10 @@ fn device_from_env() -> Device {
                      support: rebuild with `--features cuda`"
                 );
             }
-            Device::new_cuda(ordinal)
-                .unwrap_or_else(|e| panic!("LLMTUNE_TEST_DEVICE={s}: no usable CUDA device: {e}"))
+            let d = Device::new_cuda(ordinal)
+                .unwrap_or_else(|e| panic!("LLMTUNE_TEST_DEVICE={s}: no usable CUDA device: {e}"));
+            eprintln!("LLMTUNE_TEST_DEVICE={s}: tests run on cuda:{ordinal}");
+            d
         }
         other => panic!("LLMTUNE_TEST_DEVICE={other}: expected `cpu`, `cuda` or `cuda:N`"),
     }
