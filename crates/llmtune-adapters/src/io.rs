@@ -50,7 +50,8 @@ pub(crate) fn create_dir(dir: &Path) -> Result<()> {
 /// Serializes named tensors to safetensors (with `{"format": "pt"}` metadata, as
 /// `safetensors.torch.save_file` writes) and writes the file atomically. Tensors are copied
 /// to the CPU first.
-pub(crate) fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+/// Writes tensors (HF names) to a `.safetensors` file atomically, with `format: pt` metadata.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut cpu = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
         cpu.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));

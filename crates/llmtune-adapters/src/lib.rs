@@ -28,6 +28,7 @@ pub mod tune;
 pub mod value_head;
 
 pub use checkpoint::{apply_checkpoints, Checkpoints};
+pub use io::save_safetensors;
 pub use lora::{Lora, LoraConfig, LoraTarget, SwitchGuard, DEFAULT_ADAPTER};
 pub use peft::PeftAdapter;
 pub use tune::{freeze, full, load_params, save_params, ModuleGroup};

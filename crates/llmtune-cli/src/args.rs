@@ -43,6 +43,81 @@ pub fn compute_dtype(device: &Device) -> DType {
     }
 }
 
+/// Generation flags (SPEC §2), shared by `generate`, `chat` and the server's defaults.
+#[derive(clap::Args, Debug, Clone)]
+#[command(rename_all = "snake_case")]
+pub struct GenFlags {
+    /// Sample (true) or decode greedily (false).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub do_sample: bool,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.95)]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.7)]
+    pub top_p: f64,
+    /// Top-k sampling (0 = off).
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Repetition penalty (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Longest prompt kept (older history is dropped first).
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl GenFlags {
+    /// The generation settings, stopping at `stop_ids`.
+    pub fn config(&self, stop_ids: &[u32]) -> llmtune_generate::GenerationConfig {
+        llmtune_generate::GenerationConfig {
+            do_sample: self.do_sample,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            stop_ids: stop_ids.to_vec(),
+            seed: self.seed,
+        }
+    }
+}
+
+/// Loads `--model_name_or_path` with the `--checkpoint_dir` LoRA adapters merged in (for
+/// inference).
+pub fn load_merged(
+    model: &Option<String>,
+    checkpoint_dir: &Option<String>,
+) -> anyhow::Result<(llmtune_models::Pretrained, String)> {
+    use anyhow::Context;
+    let name = model_or_default(model);
+    let dev = device()?;
+    let mut p = llmtune_models::load_pretrained(&name, compute_dtype(&dev), &dev)
+        .with_context(|| format!("loading --model_name_or_path {name}"))?;
+    let dirs: Vec<String> = checkpoint_dir
+        .as_deref()
+        .map(|d| {
+            d.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !dirs.is_empty() {
+        let mut ck = llmtune_adapters::apply_checkpoints(&mut p.model, &dirs, false, false)
+            .context("--checkpoint_dir")?;
+        ck.lora.merge_all(&mut p.model)?;
+        eprintln!("merged {} adapter(s): {}", dirs.len(), dirs.join(", "));
+    }
+    Ok((p, name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

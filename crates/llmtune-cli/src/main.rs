@@ -24,13 +24,13 @@ enum Command {
     /// Generate a reply to one prompt (no adapter training).
     Generate(cmd::generate::GenerateArgs),
     /// Streaming terminal chat with a model and its adapters.
-    Chat(cmd::stub::StubArgs),
+    Chat(cmd::chat::ChatArgs),
     /// OpenAI-compatible API server.
     Api(cmd::stub::StubArgs),
     /// Browser chat served at `/`.
     Web(cmd::stub::StubArgs),
     /// Merge adapters and export the model (HF layout or GGUF).
-    Export(cmd::stub::StubArgs),
+    Export(cmd::export::ExportArgs),
     /// Inspect datasets as the model will see them.
     Data(cmd::data::DataCmd),
     /// Re-score a generated_predictions.jsonl with BLEU-4 and ROUGE-1/2/L.
@@ -59,10 +59,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => cmd::train::run(*a),
         Command::Generate(a) => cmd::generate::run(a),
-        Command::Chat(_) => cmd::stub::not_yet("chat"),
+        Command::Chat(a) => cmd::chat::run(a),
         Command::Api(_) => cmd::stub::not_yet("api"),
         Command::Web(_) => cmd::stub::not_yet("web"),
-        Command::Export(_) => cmd::stub::not_yet("export"),
+        Command::Export(a) => cmd::export::run(a),
         Command::Data(a) => cmd::data::run(a),
         Command::EvalPreds(a) => cmd::eval_preds::run(a),
         Command::Bench(a) => cmd::bench::run(a),

@@ -56,6 +56,8 @@ pub enum FinishReason {
     Stop,
     /// Reached `max_new_tokens`.
     Length,
+    /// Stopped by the caller ([`generate_cancellable`]).
+    Cancelled,
 }
 
 /// The new tokens of one row.
@@ -71,7 +73,7 @@ impl Generated {
     pub fn content_tokens(&self) -> &[u32] {
         match self.finish {
             FinishReason::Stop => &self.tokens[..self.tokens.len().saturating_sub(1)],
-            FinishReason::Length => &self.tokens,
+            FinishReason::Length | FinishReason::Cancelled => &self.tokens,
         }
     }
 }
@@ -173,7 +175,21 @@ pub fn generate(
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &GenerationConfig,
+    on_token: impl FnMut(usize, u32),
+) -> Result<Vec<Generated>, ModelError> {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    generate_cancellable(model, prompts, pad_id, cfg, on_token, &never)
+}
+
+/// [`generate`] that stops before the next token once `cancel` is set (Ctrl-C in a chat, a
+/// client that went away); unfinished rows end with [`FinishReason::Cancelled`].
+pub fn generate_cancellable(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &GenerationConfig,
     mut on_token: impl FnMut(usize, u32),
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<Vec<Generated>, ModelError> {
     let n = prompts.len();
     let mut out: Vec<Generated> = (0..n)
@@ -207,6 +223,12 @@ pub fn generate(
     let mut active: Vec<usize> = (0..n).collect();
     let mut input = Tensor::from_vec(ids, (n, max_len), &device)?;
     for step in 0..cfg.max_new_tokens {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            for &row in &active {
+                out[row].finish = FinishReason::Cancelled;
+            }
+            break;
+        }
         let mask_t = Tensor::from_vec(
             mask.iter().flatten().copied().collect::<Vec<u32>>(),
             (active.len(), mask[0].len()),

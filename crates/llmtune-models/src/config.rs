@@ -127,6 +127,66 @@ impl LlamaConfig {
         })
     }
 
+    /// The HF `config.json` of this config (what transformers needs to rebuild the model),
+    /// with `torch_dtype` set to `dtype` (`float32`, `bfloat16`, `float16`).
+    pub fn to_hf_json(&self, dtype: &str) -> serde_json::Value {
+        let arch = match self.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": dtype,
+        });
+        let o = v.as_object_mut().expect("an object");
+        if self.model_type == "llama" {
+            o.insert("attention_bias".into(), self.qkv_bias.into());
+            o.insert("mlp_bias".into(), false.into());
+        }
+        if let Some(r) = &self.rope_scaling {
+            o.insert(
+                "rope_scaling".into(),
+                serde_json::json!({
+                    "rope_type": r.rope_type,
+                    "factor": r.factor,
+                    "low_freq_factor": r.low_freq_factor,
+                    "high_freq_factor": r.high_freq_factor,
+                    "original_max_position_embeddings": r.original_max_position_embeddings,
+                }),
+            );
+        }
+        if let Some(b) = self.bos_token_id {
+            o.insert("bos_token_id".into(), b.into());
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [e] => {
+                o.insert("eos_token_id".into(), (*e).into());
+            }
+            many => {
+                o.insert("eos_token_id".into(), many.to_vec().into());
+            }
+        }
+        if let Some(p) = self.pad_token_id {
+            o.insert("pad_token_id".into(), p.into());
+        }
+        v
+    }
+
     /// Parses the text of a `config.json`.
     pub fn from_json_str(text: &str) -> Result<Self> {
         let cfg_err = |msg: String| ModelError::Config {

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use llmtune_data::template::Template;
-use llmtune_generate::{generate, GenerationConfig};
+use llmtune_generate::generate;
 use llmtune_tokenize::StreamDecoder;
 
-use crate::args::{compute_dtype, device, model_or_default, parse_bool};
+use crate::args::{compute_dtype, device, model_or_default, GenFlags};
 
 /// Generate a reply to a prompt, rendered with the model's chat template.
 #[derive(clap::Args, Debug)]
@@ -26,30 +26,8 @@ pub struct GenerateArgs {
     /// An optional system message.
     #[arg(long)]
     pub system: Option<String>,
-    /// Sample (true) or decode greedily (false).
-    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
-    pub do_sample: bool,
-    /// Sampling temperature.
-    #[arg(long, default_value_t = 0.95)]
-    pub temperature: f64,
-    /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 0.7)]
-    pub top_p: f64,
-    /// Top-k sampling (0 = off).
-    #[arg(long, default_value_t = 50)]
-    pub top_k: usize,
-    /// Repetition penalty (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f64,
-    /// Maximum new tokens.
-    #[arg(long, default_value_t = 512)]
-    pub max_new_tokens: usize,
-    /// Longest prompt kept (older history is dropped first).
-    #[arg(long, default_value_t = 2048)]
-    pub max_length: usize,
-    /// Seed for sampling.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub gen: GenFlags,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -63,18 +41,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     };
     let rt = template.resolve(&p.tokenizer)?;
     let enc = rt
-        .encode_prompt(a.system.as_deref(), &[], &a.prompt, a.max_length)?
+        .encode_prompt(a.system.as_deref(), &[], &a.prompt, a.gen.max_length)?
         .context("the prompt does not fit in --max_length")?;
-    let cfg = GenerationConfig {
-        do_sample: a.do_sample,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        top_k: a.top_k,
-        repetition_penalty: a.repetition_penalty,
-        max_new_tokens: a.max_new_tokens,
-        stop_ids: rt.stop_ids().to_vec(),
-        seed: a.seed,
-    };
+    let cfg = a.gen.config(rt.stop_ids());
     let pad = p.tokenizer.pad_id().unwrap_or(0);
     let mut dec = StreamDecoder::new();
     let mut stdout = std::io::stdout();

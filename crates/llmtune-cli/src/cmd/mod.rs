@@ -1,6 +1,8 @@
 pub mod bench;
+pub mod chat;
 pub mod data;
 pub mod eval_preds;
+pub mod export;
 pub mod generate;
 pub mod stub;
 pub mod train;

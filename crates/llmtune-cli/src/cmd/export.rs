@@ -1,0 +1,238 @@
+//! `llmtune export`: the base model with its `--checkpoint_dir` adapters merged, written in
+//! the HF layout that transformers, vLLM and llama.cpp's converter read:
+//!
+//! * `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` of at most
+//!   `--max_shard_size` with `model.safetensors.index.json`;
+//! * `config.json` (from the model's config, whatever it was loaded from: HF folder or GGUF);
+//! * `generation_config.json` with the template's stop ids as `eos_token_id`;
+//! * `tokenizer.json` and `tokenizer_config.json`.
+//!
+//! Every file is written atomically (temporary file, then rename).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+use llmtune_data::template::Template;
+
+use crate::args::load_merged;
+
+/// Merge adapters into the base and export the model (HF layout).
+#[derive(clap::Args, Debug)]
+#[command(rename_all = "snake_case")]
+pub struct ExportArgs {
+    /// A HF model folder, a .gguf file, or a built-in alias (default: smollm2-135m).
+    #[arg(long)]
+    pub model_name_or_path: Option<String>,
+    /// LoRA adapter folders to merge, comma-separated, in order.
+    #[arg(long)]
+    pub checkpoint_dir: Option<String>,
+    /// Chat template whose stop ids go into generation_config.json (default: the model's own).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// The folder to write (created; files in it are replaced).
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// Largest shard, e.g. 2GB, 500MB, 10GiB (decimal units as transformers uses).
+    #[arg(long, default_value = "10GB")]
+    pub max_shard_size: String,
+    /// Weight dtype on disk: float32, bfloat16 or float16.
+    #[arg(long, default_value = "float32")]
+    pub export_dtype: String,
+}
+
+/// Parses `2GB`, `500MB`, `10GiB`, `1000` (bytes).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().with_context(|| {
+        format!("--max_shard_size {s:?}: expected a number with a unit, e.g. 2GB")
+    })?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        other => anyhow::bail!(
+            "--max_shard_size {s:?}: unknown unit {other:?} (KB, MB, GB, KiB, MiB, GiB)"
+        ),
+    };
+    anyhow::ensure!(n > 0.0, "--max_shard_size must be positive");
+    Ok((n * mult) as u64)
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(v)? + "\n";
+    llmtune_train::io::atomic_write(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Splits `(name, bytes)` into consecutive groups of at most `max` bytes (a tensor larger than
+/// `max` gets a shard of its own), as transformers' `shard_checkpoint` does.
+pub fn plan_shards(sizes: &[(String, u64)], max: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = vec![];
+    let mut current = 0u64;
+    for (i, (_, sz)) in sizes.iter().enumerate() {
+        if shards.is_empty() || (current + sz > max && current > 0) {
+            shards.push(vec![]);
+            current = 0;
+        }
+        shards.last_mut().expect("a shard").push(i);
+        current += sz;
+    }
+    shards
+}
+
+pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let dtype = match a.export_dtype.as_str() {
+        "float32" | "f32" | "fp32" => (DType::F32, "float32"),
+        "bfloat16" | "bf16" => (DType::BF16, "bfloat16"),
+        "float16" | "f16" | "fp16" => (DType::F16, "float16"),
+        other => anyhow::bail!("--export_dtype {other}: expected float32, bfloat16 or float16"),
+    };
+    let max_shard = parse_size(&a.max_shard_size)?;
+    let (mut p, name) = load_merged(&a.model_name_or_path, &a.checkpoint_dir)?;
+    let template = match &a.template {
+        Some(t) => Template::by_name(t)?,
+        None => Template::default_for_model_type(&p.info.model_type, &p.tokenizer),
+    };
+    let stop_ids = template
+        .resolve(&p.tokenizer)
+        .map(|rt| rt.stop_ids().to_vec())
+        .unwrap_or_else(|_| p.tokenizer.stop_ids().to_vec());
+    let out = &a.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+
+    // Weights, in HF names and order.
+    let cfg = p.model.cfg.clone();
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (n, t) in p.model.params_mut() {
+        tensors.push((n, t.detach().to_dtype(dtype.0)?));
+    }
+    let sizes: Vec<(String, u64)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            )
+        })
+        .collect();
+    let total: u64 = sizes.iter().map(|(_, s)| s).sum();
+    let shards = plan_shards(&sizes, max_shard);
+    // Remove weight files of an earlier export so no stale shard is picked up.
+    for e in std::fs::read_dir(out)?.flatten() {
+        let f = e.file_name().to_string_lossy().to_string();
+        if f.starts_with("model") && (f.ends_with(".safetensors") || f.ends_with(".index.json")) {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    if shards.len() == 1 {
+        llmtune_adapters::save_safetensors(&out.join("model.safetensors"), &tensors)?;
+    } else {
+        let n = shards.len();
+        let mut map = serde_json::Map::new();
+        for (k, idx) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+            let part: Vec<(String, Tensor)> = idx.iter().map(|&i| tensors[i].clone()).collect();
+            llmtune_adapters::save_safetensors(&out.join(&file), &part)?;
+            for &i in idx {
+                map.insert(tensors[i].0.clone(), file.clone().into());
+            }
+        }
+        write_json(
+            &out.join("model.safetensors.index.json"),
+            &serde_json::json!({"metadata": {"total_size": total}, "weight_map": map}),
+        )?;
+    }
+
+    write_json(&out.join("config.json"), &cfg.to_hf_json(dtype.1))?;
+    let mut gen = serde_json::json!({
+        "eos_token_id": stop_ids,
+        "do_sample": true,
+        "temperature": 0.95,
+        "top_p": 0.7,
+        "max_new_tokens": 512,
+    });
+    if let Some(b) = p.tokenizer.bos_id() {
+        gen["bos_token_id"] = b.into();
+    }
+    if let Some(pad) = p.tokenizer.pad_id() {
+        gen["pad_token_id"] = pad.into();
+    }
+    write_json(&out.join("generation_config.json"), &gen)?;
+
+    // Tokenizer: tokenizer.json as the HF tokenizers library writes it, and its config.
+    let tok_json = p
+        .tokenizer
+        .hf()
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+    llmtune_train::io::atomic_write(&out.join("tokenizer.json"), tok_json.as_bytes())?;
+    let tok_name = |id: Option<u32>| id.and_then(|i| p.tokenizer.id_to_token(i));
+    let mut tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_position_embeddings,
+        "clean_up_tokenization_spaces": false,
+    });
+    for (k, id) in [
+        ("bos_token", p.tokenizer.bos_id()),
+        ("eos_token", p.tokenizer.eos_id()),
+        ("pad_token", p.tokenizer.pad_id()),
+    ] {
+        if let Some(t) = tok_name(id) {
+            tc[k] = t.into();
+        }
+    }
+    write_json(&out.join("tokenizer_config.json"), &tc)?;
+    eprintln!(
+        "exported {name} ({} tensors, {:.1} MB, {} shard(s), {}) to {}",
+        tensors.len(),
+        total as f64 / 1e6,
+        shards.len(),
+        dtype.1,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("2XB")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
+        assert!(parse_size("GB")
+            .unwrap_err()
+            .to_string()
+            .contains("--max_shard_size"));
+    }
+
+    #[test]
+    fn shards_fill_in_order() {
+        let s = |v: &[u64]| -> Vec<(String, u64)> {
+            v.iter()
+                .enumerate()
+                .map(|(i, &x)| (format!("t{i}"), x))
+                .collect()
+        };
+        assert_eq!(plan_shards(&s(&[4, 4, 4]), 10), vec![vec![0, 1], vec![2]]);
+        assert_eq!(plan_shards(&s(&[12, 1]), 10), vec![vec![0], vec![1]]);
+        assert_eq!(plan_shards(&s(&[1, 2, 3]), 100), vec![vec![0, 1, 2]]);
+    }
+}
