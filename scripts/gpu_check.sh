@@ -26,6 +26,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 : > "$LOG"
 exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
 
 DRY=${GPU_CHECK_DRY:-0}
 WORK=${GPU_CHECK_WORK:-/tmp/llmtune-gpu}
@@ -208,3 +209,6 @@ echo "================ summary ($(($(date +%s) - START)) s, dry=$DRY)"
 for r in "${RESULTS[@]}"; do echo "  $r"; done
 fails=$(printf '%s\n' "${RESULTS[@]}" | grep -vc 'rc=0 ')
 echo "steps failed: $fails of ${#RESULTS[@]}"
+# Let tee write the last lines before the script returns.
+exec 1>&- 2>&-
+wait "$TEE_PID" 2>/dev/null || sleep 1
