@@ -17,12 +17,18 @@ pub fn model_or_default(m: &Option<String>) -> String {
     }
 }
 
-/// The device to run on: CUDA when built with it and available, else CPU.
+/// The device to run on: CUDA when built with it and available, else CPU (saying why when a
+/// CUDA build falls back).
 pub fn device() -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
-        if let Ok(d) = Device::new_cuda(0) {
-            return Ok(d);
+        match Device::new_cuda(0) {
+            Ok(d) => return Ok(d),
+            Err(e) => {
+                let e = e.to_string();
+                let first = e.lines().next().unwrap_or_default();
+                eprintln!("llmtune: no usable CUDA device ({first}); running on the CPU");
+            }
         }
     }
     Ok(Device::Cpu)

@@ -1,9 +1,14 @@
 //! Batched generation on the fixture models: greedy outputs equal the reference token for
-//! token, and a left-padded batch gives each row what it gives alone.
+//! token, and a left-padded batch gives each row what it gives alone. The model runs on
+//! `LLMTUNE_TEST_DEVICE` (default cpu; `cuda` needs `--features cuda`).
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+
+#[path = "../../../test-support/device.rs"]
+mod device;
+use device::test_device;
 use llmtune_generate::{generate, FinishReason, GenerationConfig};
 use llmtune_models::{config::LlamaConfig, loader, Llama};
 
@@ -35,7 +40,7 @@ fn run(arch: &str) {
         &cfg,
         loader::open_dir(&dir).unwrap().as_ref(),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap();
     let cases =

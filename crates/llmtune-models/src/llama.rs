@@ -482,7 +482,7 @@ impl Llama {
         };
         let (cos, sin) = self.rotary.cos_sin(&positions, self.dtype, &self.device)?;
         let additive = causal_mask(&mask, t, self.dtype, &self.device)?;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let ids = self.ids_on_device(input_ids)?;
         let mut x =
             self.embed_tokens
                 .index_select(&ids, 0)?
@@ -500,7 +500,7 @@ impl Llama {
     /// Token embeddings `[b, t, hidden]` of `input_ids` `[b, t]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let ids = self.ids_on_device(input_ids)?;
         Ok(self
             .embed_tokens
             .index_select(&ids, 0)?
@@ -540,6 +540,14 @@ impl Llama {
             outs.push(x.clone());
         }
         Ok(outs)
+    }
+
+    /// Token ids as a flat u32 tensor on the model's device (callers may pass ids on the CPU).
+    fn ids_on_device(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(input_ids
+            .to_dtype(DType::U32)?
+            .to_device(&self.device)?
+            .flatten_all()?)
     }
 
     /// Logits `[.., vocab]` from final hidden states `[.., hidden]`.

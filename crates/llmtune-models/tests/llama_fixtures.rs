@@ -1,10 +1,12 @@
 //! Parity with the Python reference (transformers) on the fixture models `llama` and `qwen2`:
 //! logits, hidden states, left padding and greedy generation. Tolerances from the fixture
-//! README: logits/hidden `1e-4 + 1e-4·|b|`; token ids exact.
+//! README: logits/hidden `1e-4 + 1e-4·|b|`; token ids exact. The model runs on
+//! `LLMTUNE_TEST_DEVICE` (default cpu; `cuda` needs `--features cuda`), in f32 on both, with
+//! the same tolerances; the reference tensors are read on the CPU.
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::*;
 use llmtune_models::{config::LlamaConfig, loader, Llama};
 
@@ -21,7 +23,7 @@ fn load(
     let dir = fixtures()?.join(arch);
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
     let src = loader::open_dir(&dir).unwrap();
-    let model = Llama::load(&cfg, src.as_ref(), DType::F32, &Device::Cpu).unwrap();
+    let model = Llama::load(&cfg, src.as_ref(), DType::F32, &test_device()).unwrap();
     Some((model, cases(&dir), dir))
 }
 
@@ -115,7 +117,7 @@ fn check_generation(arch: &str) {
         let expected = ids_vec(&c[&format!("gen.{g}.generated_ids")]);
         // Step logits through the KV-cache path, token by token.
         let mut cache = model.new_cache();
-        let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        let mut input = Tensor::new(prompt.as_slice(), model.device())
             .unwrap()
             .unsqueeze(0)
             .unwrap();
@@ -123,7 +125,7 @@ fn check_generation(arch: &str) {
         let mut produced = Vec::new();
         for step in 0..expected.len() {
             let total = prompt.len() + step;
-            let mask = Tensor::ones((1, total), DType::U32, &Device::Cpu).unwrap();
+            let mask = Tensor::ones((1, total), DType::U32, model.device()).unwrap();
             let logits = model
                 .forward_last(&input, Some(&mask), Some(&mut cache))
                 .unwrap();
@@ -155,7 +157,7 @@ fn check_generation(arch: &str) {
             if stop.contains(&tok) {
                 break;
             }
-            input = Tensor::new(&[tok], &Device::Cpu)
+            input = Tensor::new(&[tok], model.device())
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();

@@ -214,6 +214,8 @@ fn targets_i64(t: &Tensor) -> Result<Vec<i64>> {
 /// ones, and no `[n, vocab]` log-softmax is kept between forward and backward.
 pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     if !cpu_float(logits) {
+        let vocab = logits.dim(D::Minus1)?;
+        xent::check_targets(&targets_i64(labels)?, vocab, xent::Pick::CrossEntropySum)?;
         return reference::cross_entropy_sum(logits, labels);
     }
     let (n, vocab) = logits.dims2()?;
@@ -234,6 +236,8 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, us
 /// (f64 for f64 logits). Fused like [`cross_entropy_sum`].
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !cpu_float(logits) {
+        let vocab = logits.dim(D::Minus1)?;
+        xent::check_targets(&targets_i64(targets)?, vocab, xent::Pick::LogProbs)?;
         return reference::gather_logprobs(logits, targets);
     }
     let dims = logits.dims();

@@ -36,19 +36,27 @@ pub(crate) struct LogSoftmaxPick {
     lse: Mutex<Option<Vec<f64>>>,
 }
 
+/// Errors on a target outside `[0, vocab)` (`-100`-style negatives are allowed, and ignored,
+/// only for the cross-entropy). Also run before the composite path on other devices, whose
+/// gather does not check its indices on the GPU.
+pub(crate) fn check_targets(targets: &[i64], vocab: usize, pick: Pick) -> Result<()> {
+    for (i, &t) in targets.iter().enumerate() {
+        let ok = match pick {
+            Pick::CrossEntropySum => t < vocab as i64,
+            Pick::LogProbs => t >= 0 && t < vocab as i64,
+        };
+        if !ok {
+            bail!("target {t} at position {i} is out of range for a vocabulary of {vocab}")
+        }
+    }
+    Ok(())
+}
+
 impl LogSoftmaxPick {
     /// Validates `targets` against the vocabulary size (`-100`-style negatives are allowed,
     /// and ignored, only for the cross-entropy).
     pub(crate) fn new(targets: Vec<i64>, vocab: usize, pick: Pick) -> Result<Self> {
-        for (i, &t) in targets.iter().enumerate() {
-            let ok = match pick {
-                Pick::CrossEntropySum => t < vocab as i64,
-                Pick::LogProbs => t >= 0 && t < vocab as i64,
-            };
-            if !ok {
-                bail!("target {t} at position {i} is out of range for a vocabulary of {vocab}")
-            }
-        }
+        check_targets(&targets, vocab, pick)?;
         Ok(Self {
             targets,
             pick,

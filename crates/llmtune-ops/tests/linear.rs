@@ -3,8 +3,8 @@
 
 mod common;
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
-use common::{compare, grad_check, rand_t, weighted_sum};
+use candle_core::{DType, Result, Tensor, Var, D};
+use common::{compare, grad_check, rand_t, test_device, weighted_sum};
 use llmtune_ops as ops;
 use llmtune_ops::reference;
 
@@ -177,8 +177,8 @@ fn lora_style_graph_gets_exactly_the_adapter_gradients() -> Result<()> {
 
 #[test]
 fn linear_rejects_mismatched_shapes() {
-    let x = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).expect("x");
-    let w = Tensor::zeros((3, 4), DType::F32, &Device::Cpu).expect("w");
+    let x = Tensor::zeros((2, 5), DType::F32, &test_device()).expect("x");
+    let w = Tensor::zeros((3, 4), DType::F32, &test_device()).expect("w");
     let err = ops::linear(&x, &w, None).unwrap_err().to_string();
     assert!(
         err.contains("linear: input [2, 5] does not match weight [3, 4]"),

@@ -6,12 +6,18 @@
 //! Run against both fixture sets:
 //! `LLMTUNE_FIXTURES=/work/shared/fixtures cargo test -p llmtune-train --test adamw_fixtures`
 //! `LLMTUNE_FIXTURES=/work/shared/fixtures-alt cargo test -p llmtune-train --test adamw_fixtures`
+//! The parameters and gradients live on `LLMTUNE_TEST_DEVICE` (default cpu; `cuda` needs
+//! `--features cuda`); same tolerances on both.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 use llmtune_train::{AdamW, AdamWConfig, Gradients};
+
+#[path = "../../../test-support/device.rs"]
+mod device;
+use device::test_device;
 
 fn fixtures() -> Option<PathBuf> {
     match std::env::var_os("LLMTUNE_FIXTURES") {
@@ -78,7 +84,10 @@ fn run_arch(root: &Path, arch: &str) {
         candle_core::safetensors::load(dir.join("cases.safetensors"), &Device::Cpu).unwrap();
     let vars: Vec<(String, Var)> = names
         .iter()
-        .map(|n| (n.clone(), Var::from_tensor(&adapter[n]).unwrap()))
+        .map(|n| {
+            let t = adapter[n].to_device(&test_device()).unwrap();
+            (n.clone(), Var::from_tensor(&t).unwrap())
+        })
         .collect();
     let config = AdamWConfig {
         lr: 1e-3,
@@ -99,7 +108,7 @@ fn run_arch(root: &Path, arch: &str) {
             for (m, x) in max_grad.get_mut(n).unwrap().iter_mut().zip(f32s(g)) {
                 *m = m.max(x.abs());
             }
-            grads.insert(n.clone(), g.clone());
+            grads.insert(n.clone(), g.to_device(&test_device()).unwrap());
         }
         let before: Vec<Vec<f32>> = vars.iter().map(|(_, v)| f32s(v.as_tensor())).collect();
         opt.step(&grads).unwrap();

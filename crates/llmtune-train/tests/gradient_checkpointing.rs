@@ -1,13 +1,18 @@
 //! Gradient checkpointing gives the same loss and gradients as one plain backward pass,
-//! LoRA dropout included (the recomputation replays each layer's dropout masks).
+//! LoRA dropout included (the recomputation replays each layer's dropout masks). Runs on
+//! `LLMTUNE_TEST_DEVICE` (default cpu; `cuda` needs `--features cuda`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use llmtune_adapters::{Lora, LoraConfig};
 use llmtune_models::loader::RandomSource;
 use llmtune_models::{Llama, LlamaConfig};
 use llmtune_train::checkpointing::checkpointed_grads;
 use llmtune_train::optim::Gradients;
 use llmtune_train::stages::sft::causal_lm_loss;
+
+#[path = "../../../test-support/device.rs"]
+mod device;
+use device::test_device;
 
 fn tiny(tied: bool) -> Llama {
     let cfg = LlamaConfig::from_json_str(
@@ -23,7 +28,7 @@ fn tiny(tied: bool) -> Llama {
         &cfg,
         &RandomSource::new(&cfg, 0.2),
         DType::F32,
-        &Device::Cpu,
+        &test_device(),
     )
     .unwrap()
 }
@@ -35,7 +40,7 @@ fn check(tied: bool, dropout: f64) {
     lora.add_adapter(&mut model, "default", &cfg, 3).unwrap();
     // Non-zero B so every LoRA tensor gets a non-zero gradient.
     for (_, v) in lora.trainable() {
-        v.set(&Tensor::randn(0f32, 0.1, v.dims(), &Device::Cpu).unwrap())
+        v.set(&Tensor::randn(0f32, 0.1, v.dims(), &test_device()).unwrap())
             .unwrap();
     }
     lora.set_training(true);
@@ -43,12 +48,12 @@ fn check(tied: bool, dropout: f64) {
     let vars = lora.trainable();
     let (b, t) = (2, 9);
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % 97) as u32).collect();
-    let ids = Tensor::from_vec(ids.clone(), (b, t), &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(ids.clone(), (b, t), &test_device()).unwrap();
     // Left padding on row 1 (two pads), labels on the last five positions.
     let mask: Vec<i64> = (0..b * t)
         .map(|i| if i >= t && i < t + 2 { 0 } else { 1 })
         .collect();
-    let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (b, t), &test_device()).unwrap();
     let labels: Vec<i64> = (0..b * t)
         .map(|i| {
             if i % t >= 4 {

@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use llmtune_models::{config::LlamaConfig, loader, Llama};
 
+#[path = "../../../../test-support/device.rs"]
+mod device;
+#[allow(unused_imports)] // not every test binary that includes `common` uses each one
+pub use device::{device_name, on_cpu, test_device};
+
 /// The fixtures dir, or `None` (after printing why the test is skipped).
 pub fn fixtures() -> Option<PathBuf> {
     match std::env::var_os("LLMTUNE_FIXTURES") {
@@ -23,7 +28,8 @@ pub fn cases(dir: &Path) -> HashMap<String, Tensor> {
         .expect("cases.safetensors")
 }
 
-/// The fixture model `<fixtures>/<arch>` in f32 with its cases, or `None` when skipped.
+/// The fixture model `<fixtures>/<arch>` in f32 on `LLMTUNE_TEST_DEVICE` (default cpu) with
+/// its cases (on the CPU), or `None` when skipped.
 pub fn load_arch(arch: &str) -> Option<(Llama, HashMap<String, Tensor>, PathBuf)> {
     let dir = fixtures()?.join(arch);
     let model = load_model(&dir);
@@ -33,7 +39,7 @@ pub fn load_arch(arch: &str) -> Option<(Llama, HashMap<String, Tensor>, PathBuf)
 pub fn load_model(dir: &Path) -> Llama {
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
     let src = loader::open_dir(dir).unwrap();
-    Llama::load(&cfg, src.as_ref(), DType::F32, &Device::Cpu).unwrap()
+    Llama::load(&cfg, src.as_ref(), DType::F32, &test_device()).unwrap()
 }
 
 /// `|a - b| <= atol + rtol * |b|` elementwise where `valid` (if given) is true.

@@ -6,6 +6,11 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
+#[path = "../../../../test-support/device.rs"]
+mod device;
+#[allow(unused_imports)] // not every test binary that includes `common` uses each one
+pub use device::{device_name, on_cpu, test_device};
+
 /// The fixtures dir, or `None` (after printing why the test is skipped).
 pub fn fixtures() -> Option<PathBuf> {
     match std::env::var_os("LLMTUNE_FIXTURES") {

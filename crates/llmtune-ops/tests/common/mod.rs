@@ -2,7 +2,12 @@
 //! composite reference (forward and gradients), and central finite-difference checks in f64.
 #![allow(dead_code)]
 
-use candle_core::{backprop::GradStore, DType, Device, Result, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+
+#[path = "../../../../test-support/device.rs"]
+mod device;
+#[allow(unused_imports)] // not every test binary that includes `common` uses each one
+pub use device::{device_name, on_cpu, test_device};
 
 /// A deterministic pseudo-random vector in `[-scale, scale)` (xorshift; no dependency).
 pub fn rand_vec(n: usize, seed: u64, scale: f64) -> Vec<f64> {
@@ -23,7 +28,7 @@ pub fn rand_vec(n: usize, seed: u64, scale: f64) -> Vec<f64> {
 /// A deterministic random f64 tensor of `shape`.
 pub fn rand_t(shape: &[usize], seed: u64, scale: f64) -> Tensor {
     let n = shape.iter().product();
-    Tensor::from_vec(rand_vec(n, seed, scale), shape, &Device::Cpu).expect("tensor")
+    Tensor::from_vec(rand_vec(n, seed, scale), shape, &test_device()).expect("tensor")
 }
 
 /// `max |a - b| / max |b|` (the relative error used by every comparison).
@@ -154,7 +159,7 @@ pub fn grad_check(
                 let mut p = base.clone();
                 p[j] += delta;
                 let mut args: Vec<Tensor> = ts.iter().map(|t| t.detach()).collect();
-                args[i] = Tensor::from_vec(p, inputs[i].dims(), &Device::Cpu)?;
+                args[i] = Tensor::from_vec(p, inputs[i].dims(), &test_device())?;
                 weighted_sum(&f(&args)?, 99)?.to_scalar::<f64>()
             };
             numeric.push((eval(h)? - eval(-h)?) / (2.0 * h));
