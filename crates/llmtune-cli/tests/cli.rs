@@ -108,7 +108,7 @@ fn bad_flag_values_name_the_flag() {
 
 #[test]
 fn unimplemented_subcommands_exit_2() {
-    let (code, _, err) = run(bin().args(["chat"]));
+    let (code, _, err) = run(bin().args(["web"]));
     assert_eq!(code, 2);
     assert!(err.contains("not yet implemented"), "{err}");
 }
