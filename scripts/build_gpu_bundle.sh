@@ -119,10 +119,11 @@ mv "$CARGO_TARGET_DIR/MANIFEST.sha256" "$STAGE/MANIFEST.sha256"
 git -C "$ROOT" rev-parse HEAD > "$STAGE/COMMIT" 2>/dev/null || true
 
 mkdir -p "$DEST"
-rm -f "$DEST/bundle.tar.xz"
 # One xz stream with a dictionary larger than the tar: the executables share most of their
 # bytes (candle's PTX, the same crates), which LZMA then stores once.
-tar -C "$STAGE" -cf - . | xz -T1 -9e --lzma2=dict=512MiB > "$DEST/bundle.tar.xz"
+# Written aside and moved into place, so that an interrupted run leaves the old bundle whole.
+tar -C "$STAGE" -cf - . | xz -T1 -9e --lzma2=dict=512MiB > "$DEST/bundle.tar.xz.part"
+mv "$DEST/bundle.tar.xz.part" "$DEST/bundle.tar.xz"
 cp "$ROOT/scripts/gpu_check.sh" "$DEST/gpu_check.sh"
 t3=$(date +%s)
 du -b "$STAGE"/bin/* "$STAGE"/tests/* | awk '{printf "%8.1f MiB  %s\n", $1/1048576, $2}'
