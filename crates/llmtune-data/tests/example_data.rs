@@ -44,6 +44,18 @@ fn example_sets_load_with_matching_sha1() {
     let rm = load_raw(&args(&["example_rm"]), Stage::Rm).unwrap();
     assert!(rm.samples.len() >= 30, "{}", rm.samples.len());
     assert_eq!(rm.datasets[0].sha1, Sha1Status::Match);
+
+    // The held-out test set of the quickstart: no question of it is in the training set.
+    let test = load_raw(&args(&["example_test"]), Stage::Sft).unwrap();
+    assert_eq!(test.samples.len(), 12);
+    assert_eq!(test.datasets[0].sha1, Sha1Status::Match);
+    for t in &test.samples {
+        assert!(
+            sft.samples.iter().all(|s| s.query != t.query),
+            "{} is also in example_sft",
+            t.query
+        );
+    }
 }
 
 fn tok(dir: &std::path::Path) -> llmtune_tokenize::Tokenizer {
