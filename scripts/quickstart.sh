@@ -57,7 +57,7 @@ stage rm train --stage rm --do_train "${common[@]}" --dataset example_rm \
 stage ppo train --stage ppo --do_train "${common[@]}" --dataset example_sft \
   --resume_lora_training false --checkpoint_dir "$out/sft" --reward_model "$out/rm" \
   --output_dir "$out/ppo" --per_device_train_batch_size 2 --gradient_accumulation_steps 2 \
-  --max_source_length 128 --max_target_length 32 --learning_rate 1e-5 --max_steps 4 \
+  --max_source_length 128 --max_target_length 32 --learning_rate 5e-4 --max_steps 4 \
   --logging_steps 1 --plot_loss
 
 predict=(train --stage sft --do_predict --predict_with_generate "${common[@]}"

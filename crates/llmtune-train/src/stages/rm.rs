@@ -24,16 +24,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use llmtune_adapters::value_head::{gather_last, last_token_index, VALUE_HEAD_NAME};
 use llmtune_adapters::{apply_checkpoints, pairwise_ranking_loss, Lora, LoraConfig, ValueHead};
 use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
 use llmtune_models::{Llama, Pretrained};
 
 use crate::args::TrainArgs;
+use crate::checkpointing::checkpointed_grads;
 use crate::error::{other, Error, Result};
+use crate::optim::Gradients;
 use crate::state::{f64_value, save_metrics, speed_metrics};
-use crate::trainer::{train, Task, TrainOutcome};
+use crate::trainer::{plain_loss_and_grads, train, Task, TrainOutcome};
 
 /// Optimizer names of the value head's variables (TRL's `v_head.summary.*`).
 const HEAD_PREFIX: &str = "v_head.";
@@ -71,28 +73,47 @@ impl RewardModel<'_> {
     /// the rejected ones, left-padded; each row's reward is the value head's output at its
     /// last real token (the eos). Differentiable in the adapter and the head.
     pub fn rewards(&self, pairs: &[&Example]) -> Result<PairRewards> {
+        let (ids, mask, tokens) = self.inputs(pairs)?;
+        let hidden = self
+            .model
+            .forward_hidden(&ids, Some(&mask), None, None)
+            .map_err(other)?;
+        self.rewards_from_hidden(&hidden, &mask, pairs.len(), tokens)
+    }
+
+    /// The batch of `pairs` as model inputs: ids and mask `[2n, T]` (the chosen answers, then
+    /// the rejected ones, left-padded) and the number of real tokens.
+    pub fn inputs(&self, pairs: &[&Example]) -> Result<(Tensor, Tensor, u64)> {
         if let Some(i) = pairs.iter().position(|e| !matches!(e, Example::Pair(_))) {
             return Err(Error::InvalidArgument(format!(
                 "the reward model scores preference pairs; example {i} of the batch is {:?}",
                 pairs[i].mode()
             )));
         }
-        let n = pairs.len();
         let b = collate(pairs, &self.collate).map_err(other)?;
         let device = self.model.device();
+        let tokens = b.attention_mask.iter().map(|&m| m as u64).sum();
         let ids = Tensor::from_vec(b.input_ids, (b.rows, b.seq_len), device)?;
-        let mask = Tensor::from_vec(b.attention_mask.clone(), (b.rows, b.seq_len), device)?;
-        let hidden = self
-            .model
-            .forward_hidden(&ids, Some(&mask), None, None)
-            .map_err(other)?;
-        let values = self.head.forward(&hidden).map_err(other)?;
-        let last = last_token_index(&mask).map_err(other)?;
+        let mask = Tensor::from_vec(b.attention_mask, (b.rows, b.seq_len), device)?;
+        Ok((ids, mask, tokens))
+    }
+
+    /// The value head on the final hidden states `[2n, T, H]` of [`RewardModel::inputs`]: each
+    /// row's reward is the head's output at its last real token (the eos).
+    pub fn rewards_from_hidden(
+        &self,
+        hidden: &Tensor,
+        mask: &Tensor,
+        n: usize,
+        tokens: u64,
+    ) -> Result<PairRewards> {
+        let values = self.head.forward(hidden).map_err(other)?;
+        let last = last_token_index(mask).map_err(other)?;
         let rewards = gather_last(&values, &last).map_err(other)?;
         Ok(PairRewards {
             chosen: rewards.narrow(0, 0, n)?,
             rejected: rewards.narrow(0, n, n)?,
-            tokens: b.attention_mask.iter().map(|&m| m as u64).sum(),
+            tokens,
         })
     }
 
@@ -125,9 +146,33 @@ struct RmTask<'a> {
     /// Over the current evaluation pass: pairs with r_chosen > r_rejected, pairs seen.
     eval_correct: usize,
     eval_pairs: usize,
+    /// `--gradient_checkpointing`: recompute each layer in the backward pass.
+    checkpointing: bool,
 }
 
 impl Task for RmTask<'_> {
+    fn loss_and_grads(
+        &mut self,
+        batch: &[usize],
+        scale: f64,
+        vars: &[(String, Var)],
+    ) -> Result<(f64, u64, Option<Gradients>)> {
+        if !self.checkpointing {
+            return plain_loss_and_grads(self, batch, scale, vars);
+        }
+        let rows: Vec<&Example> = batch.iter().map(|&i| &self.train[i]).collect();
+        let (ids, mask, tokens) = self.rm.inputs(&rows)?;
+        let rm = &self.rm;
+        let (loss, grads) =
+            checkpointed_grads(rm.model, &ids, Some(&mask), Some(&self.lora), vars, |h| {
+                let r = rm.rewards_from_hidden(h, &mask, rows.len(), tokens)?;
+                let loss = pairwise_ranking_loss(&r.chosen, &r.rejected).map_err(other)?;
+                Ok((loss * scale)?)
+            })?;
+        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / scale;
+        Ok((lv, tokens, Some(grads).filter(|_| lv.is_finite())))
+    }
+
     fn loss(&mut self, batch: &[usize], eval: bool) -> Result<(Tensor, u64)> {
         let set = if eval { &self.eval } else { &self.train };
         let rows: Vec<&Example> = batch.iter().map(|&i| &set[i]).collect();
@@ -328,6 +373,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<TrainedRm> {
         eval: eval_set,
         eval_correct: 0,
         eval_pairs: 0,
+        checkpointing: args.gradient_checkpointing,
     };
     let outcome = train(&tcfg, vars, &mut task, nt, ne)?;
     let RmTask {
