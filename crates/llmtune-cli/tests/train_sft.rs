@@ -488,3 +488,63 @@ fn freeze_and_full_save_the_trained_tensors_and_predict_loads_them() {
         std::fs::remove_dir_all(&pred).unwrap();
     }
 }
+
+/// The number right after `key` in `text` (e.g. `"expected peak "` -> 812.0).
+fn number_after(text: &str, key: &str) -> f64 {
+    let rest = &text[text
+        .find(key)
+        .unwrap_or_else(|| panic!("{key:?} not in {text}"))
+        + key.len()..];
+    let n: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    n.parse()
+        .unwrap_or_else(|e| panic!("{key:?} in {text}: {e}"))
+}
+
+#[test]
+fn estimate_memory_reports_the_expected_peak_and_trains_nothing() {
+    let Some(fx) = fixtures() else { return };
+    let out = tmp("estimate");
+    let mut args = sft_args(&fx.join("llama"), &out, 3);
+    args.extend(["--estimate_memory".into(), "true".into()]);
+    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
+        .args(&args)
+        .env(
+            "LLMTUNE_HOME",
+            std::env::temp_dir().join("llmtune-test-home"),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let expected = number_after(&stdout, "expected peak ");
+    let batch = number_after(&stdout, "--per_device_train_batch_size ");
+    let p1 = number_after(&stdout, "optimizer step: ");
+    let p2 = number_after(&stdout, "MB at 1 row, ");
+    assert!(p1 > 10.0 && p2 >= p1 - 1.0, "{stdout}");
+    // expected = peak(1) + (batch - 1) * growth per row; each figure is rounded to 1 MB.
+    let want = p1 + (batch - 1.0) * (p2 - p1).max(0.0);
+    assert!((expected - want).abs() <= batch + 1.0, "{stdout}");
+    assert!(
+        stdout.contains("largest --per_device_train_batch_size"),
+        "{stdout}"
+    );
+    for f in [
+        "adapter_model.safetensors",
+        "trainer_log.jsonl",
+        "training_args.json",
+    ] {
+        assert!(!out.join(f).exists(), "--estimate_memory wrote {f}");
+    }
+
+    let mut ppo = args.clone();
+    ppo[2] = "ppo".into();
+    let (code, err) = run(&ppo);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--estimate_memory works with --do_train for --stage sft and rm"),
+        "{err}"
+    );
+}

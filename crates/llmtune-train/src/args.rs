@@ -242,6 +242,11 @@ pub struct TrainArgs {
     /// Recompute activations in backward to save memory.
     #[arg(long, default_value = "false", num_args = 0..=1, default_missing_value = flag!(), value_parser = parse_bool)]
     pub gradient_checkpointing: bool,
+    /// Print the expected peak memory of this training run and the largest
+    /// --per_device_train_batch_size that fits, then exit without training: runs one optimizer
+    /// step at 1 and at 2 rows of the longest training example and extrapolates (CPU, SFT and RM).
+    #[arg(long, default_value = "false", num_args = 0..=1, default_missing_value = flag!(), value_parser = parse_bool)]
+    pub estimate_memory: bool,
 
     // ---- generation ----
     #[arg(long, default_value = "true", num_args = 0..=1, default_missing_value = flag!(), value_parser = parse_bool)]
@@ -279,6 +284,12 @@ impl TrainArgs {
 
     /// The checks of SPEC §2 that fail fast, each naming the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if self.estimate_memory && (!self.do_train || self.stage == StageArg::Ppo) {
+            return Err(
+                "--estimate_memory works with --do_train for --stage sft and rm (not ppo yet)"
+                    .into(),
+            );
+        }
         if self.predict_with_generate && self.stage != StageArg::Sft {
             return Err("--predict_with_generate is only for --stage sft".into());
         }

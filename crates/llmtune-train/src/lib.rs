@@ -25,6 +25,7 @@ pub mod checkpointing;
 pub mod error;
 pub mod io;
 pub mod log;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod ppo;

@@ -103,7 +103,7 @@ fn saved_reward_model_scores_as_at_the_end_of_training() {
         "3",
     ];
     let args = Cli::try_parse_from(argv).unwrap().args;
-    let trained = rm::train_rm(&args, &Device::Cpu).unwrap();
+    let trained = rm::train_rm(&args, &Device::Cpu).unwrap().unwrap();
     assert_eq!(trained.outcome.global_step, 4);
     let ne = trained.eval_set.len();
     assert_eq!(ne, (34.0f64 * 0.25).ceil() as usize);

@@ -23,6 +23,19 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     if (args.fp16 || args.bf16) && !device.is_cuda() {
         eprintln!("warning: --fp16/--bf16 ignored on CPU (training runs in f32)");
     }
+    if args.estimate_memory {
+        if device.is_cuda() {
+            return Err(Error::InvalidArgument(
+                "--estimate_memory measures host memory and is CPU-only for now".into(),
+            ));
+        }
+        if !args.do_train || args.stage == StageArg::Ppo {
+            return Err(Error::InvalidArgument(
+                "--estimate_memory works with --do_train for --stage sft and rm (not ppo yet)"
+                    .into(),
+            ));
+        }
+    }
     match args.stage {
         StageArg::Sft if args.do_train => sft::run(args, device),
         StageArg::Sft if args.do_predict || (args.do_eval && args.predict_with_generate) => predict::run(args, device),

@@ -288,7 +288,7 @@ fn report_identical(examples: &[Example]) {
 
 /// The training half of `llmtune train --stage rm --do_train`: trains, saves and returns the
 /// trained model in memory (for callers that score with it afterwards).
-pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<TrainedRm> {
+pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> {
     super::check_finetuning(args)?;
     let out = super::output_dir(args, true)?;
     let (mut p, base_name) = super::load_model(args, device)?;
@@ -356,7 +356,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<TrainedRm> {
     report_identical(&prepared.examples);
     let (train_set, eval_set) =
         split_dev(prepared.examples, args.dev_ratio, args.seed).map_err(other)?;
-    super::save_args(args, &out)?;
+    let lens: Vec<usize> = train_set.iter().map(|e| e.max_len()).collect();
     let collate_args = CollateArgs::new(&p.tokenizer, true, false).map_err(other)?;
     let tcfg = super::trainer_config(args, &out)?;
     let (nt, ne) = (train_set.len(), eval_set.len());
@@ -375,6 +375,12 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<TrainedRm> {
         eval_pairs: 0,
         checkpointing: args.gradient_checkpointing,
     };
+    if args.estimate_memory {
+        let e = crate::memory::estimate(&tcfg, vars, &mut task, &lens)?;
+        println!("{}", e.report());
+        return Ok(None);
+    }
+    super::save_args(args, &out)?;
     let outcome = train(&tcfg, vars, &mut task, nt, ne)?;
     let RmTask {
         train: train_set,
@@ -384,7 +390,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<TrainedRm> {
     let lora = ck.lora.clone();
     lora.set_training(false);
     head.set_training(false);
-    Ok(TrainedRm {
+    Ok(Some(TrainedRm {
         pretrained: p,
         lora,
         head,
@@ -393,7 +399,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<TrainedRm> {
         eval_set,
         outcome,
         output_dir: out,
-    })
+    }))
 }
 
 fn has_value_head(dir: &Path) -> bool {
@@ -408,7 +414,9 @@ fn has_value_head(dir: &Path) -> bool {
 /// `llmtune train --stage rm --do_train ...` (then `--do_predict` on the saved model, if
 /// asked).
 pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
-    let t = train_rm(args, device)?;
+    let Some(t) = train_rm(args, device)? else {
+        return Ok(()); // --estimate_memory
+    };
     let o = &t.outcome;
     eprintln!(
         "done: {} steps in {:.1}s, train_loss {:.4}{}{}",

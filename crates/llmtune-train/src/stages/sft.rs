@@ -237,7 +237,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     );
     let (train_set, eval_set) =
         split_dev(prepared.examples, args.dev_ratio, args.seed).map_err(other)?;
-    super::save_args(args, &out)?;
+    let lens: Vec<usize> = train_set.iter().map(|e| e.max_len()).collect();
     let collate_args =
         CollateArgs::new(&p.tokenizer, args.ignore_pad_token_for_loss, false).map_err(other)?;
     let tcfg = super::trainer_config(args, &out)?;
@@ -252,6 +252,12 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         device: device.clone(),
         checkpointing: args.gradient_checkpointing,
     };
+    if args.estimate_memory {
+        let e = crate::memory::estimate(&tcfg, vars, &mut task, &lens)?;
+        println!("{}", e.report());
+        return Ok(());
+    }
+    super::save_args(args, &out)?;
     let outcome = train(&tcfg, vars, &mut task, nt, ne)?;
     eprintln!(
         "done: {} steps in {:.1}s, train_loss {:.4}{}",
