@@ -50,7 +50,7 @@ pub struct SpecialTokens {
 #[derive(Clone)]
 enum Backend {
     /// A Hugging Face `tokenizers` pipeline (`tokenizer.json`, GGUF).
-    Hf(tokenizers::Tokenizer),
+    Hf(Box<tokenizers::Tokenizer>),
     /// A ChatGLM SentencePiece tokenizer.
     ChatGlm(Arc<ChatGlmTokenizer>),
 }
@@ -113,7 +113,7 @@ impl Tokenizer {
         source: PathBuf,
     ) -> Self {
         let mut t = Self {
-            inner: Backend::Hf(inner),
+            inner: Backend::Hf(Box::new(inner)),
             specials,
             source,
         };
@@ -330,7 +330,7 @@ impl Tokenizer {
     /// The wrapped `tokenizers` pipeline (for export); `None` for a ChatGLM tokenizer.
     pub fn hf(&self) -> Option<&tokenizers::Tokenizer> {
         match &self.inner {
-            Backend::Hf(t) => Some(t),
+            Backend::Hf(t) => Some(t.as_ref()),
             Backend::ChatGlm(_) => None,
         }
     }
