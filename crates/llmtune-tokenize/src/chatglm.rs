@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use kitoken::{Kitoken, SpecialTokenKind};
+use kitoken::{Kitoken, Normalization, SpecialTokenKind};
 use sentencepiece_model::{SentencePieceModel, Type};
 use sha2::{Digest, Sha256};
 
@@ -272,6 +272,33 @@ fn utf8_char_len(bytes: &[u8]) -> Option<usize> {
     std::str::from_utf8(&bytes[..want]).ok().map(|_| want)
 }
 
+/// Builds the kitoken encoder. SentencePiece normalizes with the model's precompiled
+/// charsmap whenever it has one, whatever the normalizer's name; kitoken instead maps the
+/// names `nmt_nfkc`/`nfkc`/... to its own Unicode NFKC, which differs from the charsmap of
+/// ChatGLM-6B's `ice_text.model` (e.g. for U+FF5E `～`). So the named Unicode/NMT/case-fold
+/// steps are replaced by the charsmap itself.
+fn build_encoder(bytes: &[u8], proto: &SentencePieceModel) -> std::result::Result<Kitoken, String> {
+    let mut def = kitoken::convert::convert_sentencepiece(bytes).map_err(|e| e.to_string())?;
+    if let Some(n) = proto.normalizer() {
+        let map = n.precompiled_charsmap();
+        if !map.is_empty() && n.name() != "user_defined" {
+            let map = kitoken::CharsMap::try_from(map).map_err(|e| e.to_string())?;
+            def.config.normalization.retain(|x| {
+                !matches!(
+                    x,
+                    Normalization::Unicode { .. }
+                        | Normalization::NMT
+                        | Normalization::CaseFold { .. }
+                )
+            });
+            def.config
+                .normalization
+                .insert(0, Normalization::CharsMap { map });
+        }
+    }
+    Kitoken::try_from(def).map_err(|e| e.to_string())
+}
+
 impl ChatGlmTokenizer {
     /// Detects a ChatGLM tokenizer in a model folder: `ice_text.model` (v1), or
     /// `tokenizer.model` whose `tokenizer_config.json` names `ChatGLMTokenizer` (v2, or v3 when
@@ -351,7 +378,7 @@ impl ChatGlmTokenizer {
             .collect();
         let proto = SentencePieceModel::from_slice(&bytes)
             .map_err(|e| invalid(model_file, format!("not a SentencePiece model: {e}")))?;
-        let encoder = Kitoken::from_sentencepiece_slice(&bytes)
+        let encoder = build_encoder(&bytes, &proto)
             .map_err(|e| invalid(model_file, format!("SentencePiece conversion failed: {e}")))?;
         let mut pieces = Vec::with_capacity(proto.pieces().len());
         let mut kinds = Vec::with_capacity(proto.pieces().len());
@@ -662,6 +689,14 @@ impl ChatGlmTokenizer {
                 self.version.name(),
                 self.pieces.len()
             )));
+        }
+        // With remove_extra_whitespaces, SentencePiece returns no pieces when the normalized
+        // text is empty (whitespace only); kitoken still emits the dummy-prefix `▁`.
+        if self.remove_extra_whitespaces
+            && ids.len() == 1
+            && self.pieces[ids[0] as usize] == "\u{2581}"
+        {
+            return Ok(vec![]);
         }
         Ok(self.fix_byte_order(ids))
     }

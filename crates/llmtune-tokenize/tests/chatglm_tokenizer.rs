@@ -340,3 +340,26 @@ fn process_response_rules() {
     );
     assert_eq!(process_response(ChatGlmVersion::V3, "\t你好!\n"), "你好!");
 }
+
+/// Cases found by comparing with Python sentencepiece 0.2.3 on random text (not in the
+/// fixture): whitespace-only text gives no v1 pieces; v1 normalizes with the model's own
+/// charsmap, which keeps `～` (U+FF5E) as it is where Unicode NFKC gives `~`.
+#[test]
+fn v1_whitespace_only_and_charsmap_edge_cases() {
+    let Some(shared) = env_dir("LLMTUNE_SHARED") else {
+        return;
+    };
+    let dir = shared.join("reference/chatglm/v1");
+    if !dir.join("ice_text.model").exists() {
+        eprintln!("skipped: {} not found", dir.display());
+        return;
+    }
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let glm = tok.chatglm().unwrap();
+    for s in [" ", "\u{3000}", "\r", " \u{3000} "] {
+        assert_eq!(tok.encode(s, false).unwrap(), Vec::<u32>::new(), "{s:?}");
+    }
+    assert_eq!(glm.tokenize("～").unwrap(), vec!["▁", "～"]);
+    assert_eq!(tok.encode("～", false).unwrap(), vec![5, 67043]);
+    assert_eq!(glm.tokenize("~").unwrap(), vec!["▁~"]);
+}
