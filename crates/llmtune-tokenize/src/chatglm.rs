@@ -498,6 +498,11 @@ impl ChatGlmTokenizer {
         &self.model_file
     }
 
+    /// Whether decode applies transformers' `clean_up_tokenization` (v1 by default).
+    pub fn clean_up_tokenization_spaces(&self) -> bool {
+        self.clean_up_tokenization_spaces
+    }
+
     /// sha256 (hex) of the model file.
     pub fn model_sha256(&self) -> &str {
         &self.sha256

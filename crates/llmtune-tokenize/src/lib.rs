@@ -314,6 +314,15 @@ impl Tokenizer {
         }
     }
 
+    /// Whether decode removes spaces before punctuation (transformers'
+    /// `clean_up_tokenization`; ChatGLM-6B does, `tokenizers` pipelines here do not).
+    pub fn cleans_up_spaces(&self) -> bool {
+        match &self.inner {
+            Backend::Hf(_) => false,
+            Backend::ChatGlm(t) => t.clean_up_tokenization_spaces(),
+        }
+    }
+
     /// Whether `id` is a special token (an added special token of a `tokenizers` pipeline;
     /// see [`ChatGlmTokenizer::is_special`] for ChatGLM).
     pub fn is_special(&self, id: u32) -> bool {
@@ -365,8 +374,35 @@ impl Tokenizer {
     }
 }
 
+/// What follows a space that transformers' `clean_up_tokenization` removes (`" ,"` → `","`,
+/// `" 'm"` → `"'m"`, `" ' "` → `"'"` ...).
+const CLEANUP_TAILS: [&str; 10] = [".", "?", "!", ",", "' ", "n't", "'m", "'s", "'ve", "'re"];
+
+/// The length of `text` that a longer decode cannot change through clean-up: everything
+/// before the last space when the text after it could still grow into a clean-up pattern.
+fn cleanup_safe_end(text: &str) -> usize {
+    match text.rfind(' ') {
+        Some(pos) => {
+            let rest = &text[pos + 1..];
+            // A complete tail was already cleaned up (replace runs once over the full text,
+            // so the space still before it stays); only a proper prefix is pending.
+            if CLEANUP_TAILS
+                .iter()
+                .any(|t| t.len() > rest.len() && t.starts_with(rest))
+            {
+                pos
+            } else {
+                text.len()
+            }
+        }
+        None => text.len(),
+    }
+}
+
 /// Decodes tokens incrementally for streaming: returns only newly completed text, holding
-/// back bytes of an unfinished UTF-8 sequence.
+/// back bytes of an unfinished UTF-8 sequence. With a tokenizer whose decode cleans up
+/// spaces (ChatGLM-6B: `" ,"` → `","`), a last space that clean-up may still remove is held
+/// back with what follows it; [`StreamDecoder::finish`] returns what is still held.
 #[derive(Debug, Default, Clone)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
@@ -385,12 +421,28 @@ impl StreamDecoder {
         if text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = if text.len() >= self.emitted && text.is_char_boundary(self.emitted) {
-            text[self.emitted..].to_string()
+        let end = if tok.cleans_up_spaces() {
+            cleanup_safe_end(&text)
+        } else {
+            text.len()
+        };
+        Ok(self.emit(&text, end))
+    }
+
+    /// The text still held back after the last token (trailing spaces, or an unfinished
+    /// UTF-8 sequence as U+FFFD), so that all pushes plus `finish` equal the full decode.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids, true)?;
+        Ok(self.emit(&text, text.len()))
+    }
+
+    fn emit(&mut self, text: &str, end: usize) -> String {
+        let new = if end >= self.emitted && text.is_char_boundary(self.emitted) {
+            text[self.emitted..end].to_string()
         } else {
             String::new()
         };
-        self.emitted = text.len();
-        Ok(new)
+        self.emitted = end;
+        new
     }
 }
