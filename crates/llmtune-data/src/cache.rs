@@ -60,7 +60,7 @@ pub struct CacheEntry {
 /// A hash of the tokenizer's pipeline and special ids.
 pub fn tokenizer_fingerprint(tokenizer: &Tokenizer) -> String {
     let mut h = Sha256::new();
-    match tokenizer.hf().to_string(false) {
+    match tokenizer.fingerprint_text() {
         Ok(json) => h.update(json.as_bytes()),
         Err(_) => {
             // Fall back to where it came from and its vocabulary.

@@ -16,6 +16,8 @@
 //! * `chatglm3`: `[gMASK] sop`, optional `<|system|>` + `\n{s}`, then per turn `<|user|>` +
 //!   `\n{q}` + `<|assistant|>` + `\n{a}`, ending with `<|user|>` `\n{q}` `<|assistant|>`;
 //!   none; `</s>` (the target starts with `\n`); `</s>`, `<|user|>`, `<|observation|>`.
+//!   As in ChatGLM3's `build_chat_input`, each `\n` and each message are encoded apart
+//!   ([`Piece::Split`]).
 //! * `chatml`: `<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n` (no default
 //!   system); none; `<|im_end|>`; `<|im_end|>` (+ `<|endoftext|>` when present).
 //! * `llama2`: `<s>[INST] <<SYS>>\n{s}\n<</SYS>>\n\n{q} [/INST]`; none; eos; eos.
@@ -61,9 +63,12 @@ pub enum Piece {
     Bos,
     /// The tokenizer's eos id (required). Rendered as `</s>` in text.
     Eos,
+    /// Ends a text run: the text before and after it is encoded in separate calls (ChatGLM3
+    /// encodes `"\n"` and the message apart, like its `build_chat_input`). Renders as nothing.
+    Split,
 }
 
-use Piece::{Content, Idx, Text, Token};
+use Piece::{Content, Idx, Split, Text, Token};
 
 /// A prompt format. See the module docs for the registered ones.
 #[derive(Debug, PartialEq, Eq)]
@@ -152,16 +157,17 @@ pub const CHATGLM3: Template = Template {
     name: "chatglm3",
     description: "ChatGLM3-6B: [gMASK] sop, <|system|>/<|user|>/<|assistant|> role tokens",
     prefix: &[Token("[gMASK]"), Token("sop")],
-    system: &[Token("<|system|>"), Text("\n"), Content],
+    system: &[Token("<|system|>"), Text("\n"), Split, Content],
     default_system: None,
     system_in_first_user: false,
     user: &[
         Token("<|user|>"),
         Text("\n"),
+        Split,
         Content,
         Token("<|assistant|>"),
     ],
-    assistant: &[Text("\n"), Content],
+    assistant: &[Text("\n"), Split, Content],
     target_prefix: &[Text("\n")],
     separator: &[],
     eos: Token("</s>"),
@@ -489,7 +495,7 @@ fn piece_text(p: Piece) -> &'static str {
         Text(t) | Token(t) => t,
         Piece::Bos => "<s>",
         Piece::Eos => "</s>",
-        Content | Idx => "",
+        Content | Idx | Split => "",
     }
 }
 

@@ -6,12 +6,18 @@
 //! knows the model's special tokens (bos, eos, pad) from `tokenizer_config.json`,
 //! `generation_config.json` or the GGUF header.
 //!
-//! ChatGLM's SentencePiece tokenizers will plug in as another backend behind the same type.
+//! ChatGLM's SentencePiece tokenizers (v1/v2/v3, [`chatglm`]) are another backend behind the
+//! same type: [`Tokenizer::from_dir`] picks them for a folder with `ice_text.model`, or with
+//! `tokenizer.model` and a `ChatGLMTokenizer` config, when it has no `tokenizer.json`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+pub mod chatglm;
 pub mod gguf;
+
+pub use chatglm::{ChatGlmTokenizer, ChatGlmVersion};
 
 /// Errors from loading or running a tokenizer. Each names the file involved.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +46,19 @@ pub struct SpecialTokens {
     pub stop: Vec<u32>,
 }
 
+/// The tokenizer implementation behind [`Tokenizer`].
+#[derive(Clone)]
+enum Backend {
+    /// A Hugging Face `tokenizers` pipeline (`tokenizer.json`, GGUF).
+    Hf(Box<tokenizers::Tokenizer>),
+    /// A ChatGLM SentencePiece tokenizer.
+    ChatGlm(Arc<ChatGlmTokenizer>),
+}
+
 /// A tokenizer with its special tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Backend,
     specials: SpecialTokens,
     source: PathBuf,
 }
@@ -58,7 +73,7 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
         path: path.to_path_buf(),
         source,
@@ -70,7 +85,7 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// `tokenizer_config.json` stores a token either as a string or as `{"content": ...}`.
-fn token_string(v: &serde_json::Value) -> Option<String> {
+pub(crate) fn token_string(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
@@ -98,7 +113,7 @@ impl Tokenizer {
         source: PathBuf,
     ) -> Self {
         let mut t = Self {
-            inner,
+            inner: Backend::Hf(Box::new(inner)),
             specials,
             source,
         };
@@ -135,10 +150,32 @@ impl Tokenizer {
         ))
     }
 
+    /// Wraps a ChatGLM tokenizer; its special ids come from [`ChatGlmTokenizer::special_tokens`].
+    pub fn from_chatglm(tok: ChatGlmTokenizer) -> Self {
+        let specials = tok.special_tokens();
+        let source = tok.model_file().to_path_buf();
+        let mut t = Self {
+            inner: Backend::ChatGlm(Arc::new(tok)),
+            specials,
+            source,
+        };
+        t.normalize_stop();
+        t
+    }
+
     /// Loads a Hugging Face model folder's tokenizer: `tokenizer.json`, with special tokens
     /// from `tokenizer_config.json`, then `config.json` / `generation_config.json` ids.
+    /// A folder without `tokenizer.json` that holds a ChatGLM tokenizer (see
+    /// [`ChatGlmTokenizer::detect`]) loads that instead.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
+        if !dir.join("tokenizer.json").exists() {
+            if let Some(version) = ChatGlmTokenizer::detect(dir)? {
+                return Ok(Self::from_chatglm(ChatGlmTokenizer::from_dir(
+                    dir, version,
+                )?));
+            }
+        }
         let mut tok = Self::from_file(dir.join("tokenizer.json"))?;
         let mut sp = SpecialTokens::default();
         let tc = dir.join("tokenizer_config.json");
@@ -147,7 +184,7 @@ impl Tokenizer {
             let lookup = |key: &str| {
                 v.get(key)
                     .and_then(token_string)
-                    .and_then(|s| tok.inner.token_to_id(&s))
+                    .and_then(|s| tok.token_to_id(&s))
             };
             sp.bos = lookup("bos_token");
             sp.eos = lookup("eos_token");
@@ -218,63 +255,154 @@ impl Tokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.inner {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::ChatGlm(t) => t.vocab_size(),
+        }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Backend::Hf(t) => t.token_to_id(token),
+            Backend::ChatGlm(t) => t.token_to_id(token),
+        }
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Backend::Hf(t) => t.id_to_token(id),
+            Backend::ChatGlm(t) => t.id_to_token(id),
+        }
     }
 
-    /// Encodes text. Special-token strings inside the text map to their ids.
+    /// Encodes text. With a `tokenizers` pipeline, special-token strings inside the text map
+    /// to their ids; ChatGLM tokenizers treat them as plain text, as the reference does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| TokenizerError::Run(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.inner {
+            Backend::Hf(t) => {
+                let enc = t
+                    .encode(text, add_special_tokens)
+                    .map_err(|e| TokenizerError::Run(e.to_string()))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Backend::ChatGlm(t) => t.encode(text, add_special_tokens),
+        }
     }
 
     /// Encodes many texts in parallel (order kept).
     pub fn encode_batch(&self, texts: &[&str], add_special_tokens: bool) -> Result<Vec<Vec<u32>>> {
-        let encs = self
-            .inner
-            .encode_batch(texts.to_vec(), add_special_tokens)
-            .map_err(|e| TokenizerError::Run(e.to_string()))?;
-        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        match &self.inner {
+            Backend::Hf(t) => {
+                let encs = t
+                    .encode_batch(texts.to_vec(), add_special_tokens)
+                    .map_err(|e| TokenizerError::Run(e.to_string()))?;
+                Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+            }
+            Backend::ChatGlm(t) => texts
+                .iter()
+                .map(|s| t.encode(s, add_special_tokens))
+                .collect(),
+        }
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| TokenizerError::Run(e.to_string()))
+        match &self.inner {
+            Backend::Hf(t) => t
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| TokenizerError::Run(e.to_string())),
+            Backend::ChatGlm(t) => t.decode(ids, skip_special_tokens),
+        }
     }
 
-    /// Whether `id` is a special (added, special=true) token.
+    /// Whether decode removes spaces before punctuation (transformers'
+    /// `clean_up_tokenization`; ChatGLM-6B does, `tokenizers` pipelines here do not).
+    pub fn cleans_up_spaces(&self) -> bool {
+        match &self.inner {
+            Backend::Hf(_) => false,
+            Backend::ChatGlm(t) => t.clean_up_tokenization_spaces(),
+        }
+    }
+
+    /// Whether `id` is a special token (an added special token of a `tokenizers` pipeline;
+    /// see [`ChatGlmTokenizer::is_special`] for ChatGLM).
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner
-            .get_added_tokens_decoder()
-            .get(&id)
-            .map(|t| t.special)
-            .unwrap_or(false)
+        match &self.inner {
+            Backend::Hf(t) => t
+                .get_added_tokens_decoder()
+                .get(&id)
+                .map(|t| t.special)
+                .unwrap_or(false),
+            Backend::ChatGlm(t) => t.is_special(id),
+        }
     }
 
-    /// The wrapped `tokenizers` pipeline (for export).
-    pub fn hf(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The wrapped `tokenizers` pipeline (for export); `None` for a ChatGLM tokenizer.
+    pub fn hf(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.inner {
+            Backend::Hf(t) => Some(t.as_ref()),
+            Backend::ChatGlm(_) => None,
+        }
+    }
+
+    /// The ChatGLM tokenizer, when this is one.
+    pub fn chatglm(&self) -> Option<&ChatGlmTokenizer> {
+        match &self.inner {
+            Backend::Hf(_) => None,
+            Backend::ChatGlm(t) => Some(t),
+        }
     }
 
     /// The vocabulary (token -> id), added tokens included.
     pub fn vocab(&self) -> HashMap<String, u32> {
-        self.inner.get_vocab(true)
+        match &self.inner {
+            Backend::Hf(t) => t.get_vocab(true),
+            Backend::ChatGlm(t) => (0..t.vocab_size() as u32)
+                .filter_map(|i| t.id_to_token(i).map(|s| (s, i)))
+                .collect(),
+        }
+    }
+
+    /// A string that changes whenever tokenization could change (for cache keys): the
+    /// serialized `tokenizers` pipeline, or the ChatGLM version + model-file sha256.
+    pub fn fingerprint_text(&self) -> Result<String> {
+        match &self.inner {
+            Backend::Hf(t) => t
+                .to_string(false)
+                .map_err(|e| TokenizerError::Run(e.to_string())),
+            Backend::ChatGlm(t) => Ok(t.fingerprint()),
+        }
+    }
+}
+
+/// What follows a space that transformers' `clean_up_tokenization` removes (`" ,"` → `","`,
+/// `" 'm"` → `"'m"`, `" ' "` → `"'"` ...).
+const CLEANUP_TAILS: [&str; 10] = [".", "?", "!", ",", "' ", "n't", "'m", "'s", "'ve", "'re"];
+
+/// The length of `text` that a longer decode cannot change through clean-up: everything
+/// before the last space when the text after it could still grow into a clean-up pattern.
+fn cleanup_safe_end(text: &str) -> usize {
+    match text.rfind(' ') {
+        Some(pos) => {
+            let rest = &text[pos + 1..];
+            // A complete tail was already cleaned up (replace runs once over the full text,
+            // so the space still before it stays); only a proper prefix is pending.
+            if CLEANUP_TAILS
+                .iter()
+                .any(|t| t.len() > rest.len() && t.starts_with(rest))
+            {
+                pos
+            } else {
+                text.len()
+            }
+        }
+        None => text.len(),
     }
 }
 
 /// Decodes tokens incrementally for streaming: returns only newly completed text, holding
-/// back bytes of an unfinished UTF-8 sequence.
+/// back bytes of an unfinished UTF-8 sequence. With a tokenizer whose decode cleans up
+/// spaces (ChatGLM-6B: `" ,"` → `","`), a last space that clean-up may still remove is held
+/// back with what follows it; [`StreamDecoder::finish`] returns what is still held.
 #[derive(Debug, Default, Clone)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
@@ -293,12 +421,28 @@ impl StreamDecoder {
         if text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = if text.len() >= self.emitted && text.is_char_boundary(self.emitted) {
-            text[self.emitted..].to_string()
+        let end = if tok.cleans_up_spaces() {
+            cleanup_safe_end(&text)
+        } else {
+            text.len()
+        };
+        Ok(self.emit(&text, end))
+    }
+
+    /// The text still held back after the last token (trailing spaces, or an unfinished
+    /// UTF-8 sequence as U+FFFD), so that all pushes plus `finish` equal the full decode.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids, true)?;
+        Ok(self.emit(&text, text.len()))
+    }
+
+    fn emit(&mut self, text: &str, end: usize) -> String {
+        let new = if end >= self.emitted && text.is_char_boundary(self.emitted) {
+            text[self.emitted..end].to_string()
         } else {
             String::new()
         };
-        self.emitted = text.len();
-        Ok(new)
+        self.emitted = end;
+        new
     }
 }

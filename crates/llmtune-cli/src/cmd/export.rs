@@ -173,6 +173,13 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let tok_json = p
         .tokenizer
         .hf()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "export writes a tokenizer.json; the tokenizer of {} is a ChatGLM \
+                 SentencePiece model, which has none",
+                p.tokenizer.source().display()
+            )
+        })?
         .to_string(false)
         .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
     llmtune_train::io::atomic_write(&out.join("tokenizer.json"), tok_json.as_bytes())?;
