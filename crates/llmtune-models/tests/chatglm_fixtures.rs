@@ -633,3 +633,127 @@ fn configs_refuse_unsupported_settings() {
     );
     assert_eq!(c.inv_freq().len(), 32);
 }
+
+/// A sharded `.bin` checkpoint with `pytorch_model.bin.index.json`: the two fixture
+/// checkpoints have disjoint tensor names, so they serve as two shards of one folder from
+/// which both models load (each reading only its own tensors) and give the fixture logits.
+#[test]
+fn sharded_pytorch_bin_with_index_loads_both_models() {
+    let Some(fx) = fixtures() else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("llmtune-glm-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut map = serde_json::Map::new();
+    for (i, arch) in ["chatglm1", "chatglm2"].iter().enumerate() {
+        let file = format!("pytorch_model-0000{}-of-00002.bin", i + 1);
+        std::fs::copy(fx.join(arch).join("pytorch_model.bin"), dir.join(&file)).unwrap();
+        for name in source(&fx.join(arch), FORMATS[0]).names() {
+            map.insert(name, serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("pytorch_model.bin.index.json"), index.to_string()).unwrap();
+    let src = llmtune_models::loader::open_dir(&dir).unwrap();
+    assert_eq!(src.names().len(), map.len());
+    let (c1, c2) = (cases(&fx.join("chatglm1")), cases(&fx.join("chatglm2")));
+    let cfg1 = ChatGlmConfig::from_file(&fx.join("chatglm1/config.json")).unwrap();
+    let m1 = ChatGlm::load(&cfg1, src.as_ref(), DType::F32, &test_device()).unwrap();
+    let (l1, _) = m1
+        .forward(&on_device(&c1["single.input_ids"]), None, None)
+        .unwrap();
+    check(
+        "chatglm1 from shards: single.logits",
+        &l1,
+        &c1["single.logits"],
+        None,
+    );
+    let cfg2 = ChatGlm2Config::from_file(&fx.join("chatglm2/config.json")).unwrap();
+    let m2 = ChatGlm2::load(&cfg2, src.as_ref(), DType::F32, &test_device()).unwrap();
+    let (l2, _) = m2
+        .forward(&on_device(&c2["single.input_ids"]), None, None, None)
+        .unwrap();
+    check(
+        "chatglm2 from shards: single.logits",
+        &l2,
+        &c2["single.logits"],
+        None,
+    );
+    // An index that names the wrong shard is refused with the tensor and file named.
+    let mut bad = map.clone();
+    bad.insert(
+        "lm_head.weight".into(),
+        serde_json::Value::String("pytorch_model-00002-of-00002.bin".into()),
+    );
+    let index = serde_json::json!({"metadata": {}, "weight_map": bad});
+    std::fs::write(dir.join("pytorch_model.bin.index.json"), index.to_string()).unwrap();
+    let e = llmtune_models::loader::open_dir(&dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tensor lm_head.weight in pytorch_model-00002-of-00002.bin"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A bf16 model runs and stays close to the f32 reference (weights converted tensor by
+/// tensor while loading).
+#[test]
+fn chatglm_models_run_in_bf16() {
+    let Some(fx) = fixtures() else {
+        return;
+    };
+    let dir = fx.join("chatglm1");
+    let c = cases(&dir);
+    let cfg = ChatGlmConfig::from_file(&dir.join("config.json")).unwrap();
+    let m = ChatGlm::load(
+        &cfg,
+        source(&dir, FORMATS[0]).as_ref(),
+        DType::BF16,
+        &test_device(),
+    )
+    .unwrap();
+    assert_eq!(m.word_embeddings.dtype(), DType::BF16);
+    let l = m
+        .forward_last(&on_device(&c["single.input_ids"]), None, None)
+        .unwrap();
+    let r = c["single.logits"].get(0).unwrap();
+    let t = r.dim(0).unwrap();
+    let r = r.get(t - 1).unwrap();
+    let d = assert_close(
+        "chatglm1 bf16 last logits",
+        &flat_f32(&l),
+        &flat_f32(&r),
+        None,
+        0.5,
+        0.05,
+    );
+    eprintln!("chatglm1 bf16 vs f32 reference: max |diff| {d:.3e}");
+    let dir = fx.join("chatglm2");
+    let c = cases(&dir);
+    let cfg = ChatGlm2Config::from_file(&dir.join("config.json")).unwrap();
+    let m = ChatGlm2::load(
+        &cfg,
+        source(&dir, FORMATS[1]).as_ref(),
+        DType::BF16,
+        &test_device(),
+    )
+    .unwrap();
+    let l = m
+        .forward_last(&on_device(&c["single.input_ids"]), None, None)
+        .unwrap();
+    let r = c["single.logits"].get(0).unwrap();
+    let t = r.dim(0).unwrap();
+    let r = r.get(t - 1).unwrap();
+    let d = assert_close(
+        "chatglm2 bf16 last logits",
+        &flat_f32(&l),
+        &flat_f32(&r),
+        None,
+        0.5,
+        0.05,
+    );
+    eprintln!("chatglm2 bf16 vs f32 reference: max |diff| {d:.3e}");
+}
