@@ -30,14 +30,18 @@ enum Model {
 
 impl Model {
     fn load(dir: &Path) -> Self {
+        Self::load_as(dir, DType::F32)
+    }
+
+    fn load_as(dir: &Path, dtype: DType) -> Self {
         let src = SafetensorsSource::open_file(&dir.join("model.safetensors")).unwrap();
         let src: &dyn WeightSource = &src;
         if dir.ends_with("chatglm1") {
             let cfg = ChatGlmConfig::from_file(&dir.join("config.json")).unwrap();
-            Model::V1(ChatGlm::load(&cfg, src, DType::F32, &test_device()).unwrap())
+            Model::V1(ChatGlm::load(&cfg, src, dtype, &test_device()).unwrap())
         } else {
             let cfg = ChatGlm2Config::from_file(&dir.join("config.json")).unwrap();
-            Model::V2(ChatGlm2::load(&cfg, src, DType::F32, &test_device()).unwrap())
+            Model::V2(ChatGlm2::load(&cfg, src, dtype, &test_device()).unwrap())
         }
     }
 
@@ -262,4 +266,138 @@ fn chatglm1_value_head_matches_trl() {
 #[test]
 fn chatglm2_value_head_matches_trl() {
     value_head_parity("chatglm2");
+}
+
+/// `--finetuning_type full`: every parameter becomes a variable and gets a gradient (the
+/// LayerNorm, RMSNorm, rotary and attention paths all have a backward); `freeze` on `qkv`
+/// selects the fused `query_key_value` of the last layers.
+fn full_and_freeze_gradients(arch: &str) {
+    let Some(fx) = fixtures() else {
+        return;
+    };
+    let dir = fx.join(arch);
+    let c = cases(&dir);
+    let mut model = Model::load(&dir);
+    let n_params = model.backbone().params_mut().len();
+    let vars = llmtune_adapters::full(model.backbone()).unwrap();
+    assert_eq!(vars.len(), n_params);
+    let (_, logits) = model.batch(&c);
+    let loss = causal_lm_loss(&logits, &c["batch.labels"]);
+    check_loss(
+        &format!("{arch} full: batch.loss"),
+        scalar(&loss),
+        &c["batch.loss"],
+    );
+    let grads = loss.backward().unwrap();
+    for (k, v) in &vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{arch}: {k} has no gradient"));
+        let norm = flat_f32(g).iter().map(|x| x * x).sum::<f32>();
+        // Rotary buffers are not parameters; every parameter influences the loss.
+        assert!(norm > 0.0, "{arch}: {k} has an all-zero gradient");
+    }
+    eprintln!("{arch}: all {} parameters have gradients", vars.len());
+
+    let mut model = Model::load(&dir);
+    let frozen =
+        llmtune_adapters::freeze(model.backbone(), 1, llmtune_adapters::ModuleGroup::Qkv).unwrap();
+    let names: Vec<&str> = frozen.iter().map(|(k, _)| k.as_str()).collect();
+    let last = model.backbone().num_layers() - 1;
+    assert!(!names.is_empty());
+    assert!(
+        names
+            .iter()
+            .all(|k| k.contains(&format!("layers.{last}.")) && k.contains(".query_key_value.")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn chatglm1_full_and_freeze_gradients() {
+    full_and_freeze_gradients("chatglm1");
+}
+
+#[test]
+fn chatglm2_full_and_freeze_gradients() {
+    full_and_freeze_gradients("chatglm2");
+}
+
+/// Analytic gradients of the full model equal central finite differences in f64 for a few
+/// entries of every parameter of the first block and the final norm (the composite
+/// LayerNorm and the 2-D rotary included).
+fn finite_differences(arch: &str) {
+    let Some(fx) = fixtures() else {
+        return;
+    };
+    let dir = fx.join(arch);
+    let c = cases(&dir);
+    let mut model = Model::load_as(&dir, DType::F64);
+    let vars = llmtune_adapters::full(model.backbone()).unwrap();
+    let labels = &c["batch.labels"];
+    let loss_of = |m: &Model| scalar(&causal_lm_loss(&m.batch(&c).1, labels));
+    let loss = causal_lm_loss(&model.batch(&c).1, labels);
+    let grads = loss.backward().unwrap();
+    let eps = 1e-5;
+    let mut checked = 0;
+    for (k, v) in &vars {
+        if !(k.contains("layers.0.") || k.contains("final_layernorm")) {
+            continue;
+        }
+        let g = flat_f64(grads.get(v.as_tensor()).unwrap());
+        let base = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for &i in &[0, base.len() / 2, base.len() - 1] {
+            let mut plus = base.clone();
+            plus[i] += eps;
+            v.set(
+                &Tensor::new(plus, v.device())
+                    .unwrap()
+                    .reshape(v.dims())
+                    .unwrap(),
+            )
+            .unwrap();
+            let lp = loss_of(&model);
+            let mut minus = base.clone();
+            minus[i] -= eps;
+            v.set(
+                &Tensor::new(minus, v.device())
+                    .unwrap()
+                    .reshape(v.dims())
+                    .unwrap(),
+            )
+            .unwrap();
+            let lm = loss_of(&model);
+            v.set(
+                &Tensor::new(base.clone(), v.device())
+                    .unwrap()
+                    .reshape(v.dims())
+                    .unwrap(),
+            )
+            .unwrap();
+            let num = (lp - lm) / (2.0 * eps);
+            assert!(
+                (num - g[i]).abs() <= 1e-6 + 1e-4 * num.abs(),
+                "{arch} {k}[{i}]: analytic {} vs numeric {num}",
+                g[i]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 24, "{arch}: only {checked} entries checked");
+    eprintln!("{arch}: {checked} gradient entries equal finite differences");
+}
+
+#[test]
+fn chatglm1_gradients_match_finite_differences() {
+    finite_differences("chatglm1");
+}
+
+#[test]
+fn chatglm2_gradients_match_finite_differences() {
+    finite_differences("chatglm2");
 }
