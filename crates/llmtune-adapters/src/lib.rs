@@ -11,13 +11,14 @@
 //! * [`tune`]: `--finetuning_type freeze|full`: base tensors turned into trainable variables.
 //! * [`value_head`]: `Linear(hidden, 1)` on the final hidden state (TRL's `ValueHead`).
 //!
-//! The functions take any model implementing [`Backbone`] (implemented for [`Llama`]), so other
-//! architectures built from the same [`Linear`] layer can reuse everything here.
+//! The functions take any model implementing [`Backbone`] (implemented for [`Llama`],
+//! [`ChatGlm`] and [`ChatGlm2`]), so other architectures built from the same [`Linear`] layer
+//! can reuse everything here.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use llmtune_models::{Linear, Llama};
+use llmtune_models::{ChatGlm, ChatGlm2, Linear, Llama};
 
 pub mod checkpoint;
 mod io;
@@ -113,6 +114,42 @@ impl Backbone for Llama {
     }
     fn device(&self) -> Device {
         Llama::device(self).clone()
+    }
+}
+
+impl Backbone for ChatGlm {
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        ChatGlm::linears_mut(self)
+    }
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        ChatGlm::params_mut(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.cfg.num_layers
+    }
+    fn dtype(&self) -> DType {
+        ChatGlm::dtype(self)
+    }
+    fn device(&self) -> Device {
+        ChatGlm::device(self).clone()
+    }
+}
+
+impl Backbone for ChatGlm2 {
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        ChatGlm2::linears_mut(self)
+    }
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        ChatGlm2::params_mut(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.cfg.num_layers
+    }
+    fn dtype(&self) -> DType {
+        ChatGlm2::dtype(self)
+    }
+    fn device(&self) -> Device {
+        ChatGlm2::device(self).clone()
     }
 }
 

@@ -37,7 +37,8 @@ pub const DEFAULT_DROPOUT_SEED: u64 = 42;
 /// Which linear layers get LoRA.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoraTarget {
-    /// Every linear layer except `lm_head` (`--lora_target all`, PEFT's `all-linear`).
+    /// Every linear layer except the output layer (`lm_head`; ChatGLM2/3's
+    /// `transformer.output_layer`) (`--lora_target all`, PEFT's `all-linear`).
     All,
     /// Module names matched as PEFT does for a list: a module is targeted when its name equals
     /// an entry or ends with `.` + entry (`q_proj` matches `model.layers.0.self_attn.q_proj`).
@@ -71,7 +72,9 @@ impl LoraTarget {
     /// Whether the module `name` is targeted.
     pub fn matches(&self, name: &str) -> bool {
         match self {
-            Self::All => name != "lm_head" && !name.ends_with(".lm_head"),
+            Self::All => !["lm_head", "output_layer"]
+                .iter()
+                .any(|head| module_matches(name, head)),
             Self::Modules(list) => list.iter().any(|m| module_matches(name, m)),
             Self::Pattern(_) => false,
         }
@@ -954,6 +957,8 @@ mod tests {
         assert_eq!(all, LoraTarget::All);
         assert!(all.matches("model.layers.3.mlp.down_proj"));
         assert!(!all.matches("lm_head"));
+        assert!(!all.matches("transformer.output_layer"));
+        assert!(all.matches("transformer.encoder.layers.0.self_attention.query_key_value"));
         assert_eq!(
             LoraTarget::parse(" , ").unwrap_err().to_string(),
             "--lora_target \",\": expected `all` or a comma list of module names"

@@ -2,6 +2,8 @@
 //!
 //! * [`config`]: typed mirrors of HF `config.json`.
 //! * [`llama`]: the Llama family (Llama 2/3, Qwen2/2.5, Mistral, SmolLM2).
+//! * [`chatglm`]: ChatGLM-6B (2-D positions, DeepNorm, prefix attention).
+//! * [`chatglm2`]: ChatGLM2-6B and ChatGLM3-6B (multi-query attention, RMSNorm).
 //! * [`loader`]: safetensors (single/sharded), PyTorch `.bin` (single/sharded), in-memory.
 //! * [`gguf`]: GGUF files (dequantized to f32, tokenizer from metadata).
 //! * [`hub`]: built-in aliases such as `smollm2-135m` and their local cache.
@@ -14,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+pub mod chatglm;
+pub mod chatglm2;
 pub mod config;
 pub mod gguf;
 pub mod hub;
@@ -21,6 +25,8 @@ pub mod kv_cache;
 pub mod llama;
 pub mod loader;
 
+pub use chatglm::{ChatGlm, ChatGlmConfig};
+pub use chatglm2::{ChatGlm2, ChatGlm2Config};
 pub use config::LlamaConfig;
 pub use kv_cache::KvCache;
 pub use llama::{Linear, LinearAdapter, Llama};

@@ -307,9 +307,32 @@ impl PthSource {
         let index = dir.join("pytorch_model.bin.index.json");
         if index.exists() {
             let map = read_index(&index)?;
-            return Self::open_files(&shard_files(dir, &map), &index).map(Some);
+            let mut src = Self::open_files(&shard_files(dir, &map), &index)?;
+            src.check_index(dir, &map)?;
+            return Ok(Some(src));
         }
         Ok(None)
+    }
+
+    /// Checks that every tensor of the index is in the shard the index names, and routes it
+    /// there (a name held by several shards is read from the one the index names).
+    fn check_index(&mut self, dir: &Path, map: &BTreeMap<String, String>) -> Result<()> {
+        for (name, file) in map {
+            let path = dir.join(file);
+            let Some(i) = self.shards.iter().position(|(f, _)| *f == path) else {
+                continue; // open_files opened every file of the index
+            };
+            if !self.shards[i].1.tensor_infos().contains_key(name) {
+                return Err(ModelError::Weights {
+                    path: self.location.clone(),
+                    msg: format!(
+                        "the index puts tensor {name} in {file}, but that file does not hold it"
+                    ),
+                });
+            }
+            self.routing.insert(name.clone(), i);
+        }
+        Ok(())
     }
 
     fn open_files(files: &[PathBuf], location: &Path) -> Result<Self> {
