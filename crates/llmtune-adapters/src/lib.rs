@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use llmtune_models::{ChatGlm, ChatGlm2, Linear, Llama};
+use llmtune_models::{CausalLm, ChatGlm, ChatGlm2, Linear, Llama};
 
 pub mod checkpoint;
 mod io;
@@ -150,6 +150,24 @@ impl Backbone for ChatGlm2 {
     }
     fn device(&self) -> Device {
         ChatGlm2::device(self).clone()
+    }
+}
+
+impl Backbone for CausalLm {
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        CausalLm::linears_mut(self)
+    }
+    fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        CausalLm::params_mut(self)
+    }
+    fn num_layers(&self) -> usize {
+        CausalLm::num_layers(self)
+    }
+    fn dtype(&self) -> DType {
+        CausalLm::dtype(self)
+    }
+    fn device(&self) -> Device {
+        CausalLm::device(self).clone()
     }
 }
 

@@ -85,6 +85,7 @@ impl GenFlags {
             max_new_tokens: self.max_new_tokens,
             stop_ids: stop_ids.to_vec(),
             seed: self.seed,
+            vocab_size: None,
         }
     }
 }

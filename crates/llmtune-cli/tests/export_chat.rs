@@ -49,7 +49,7 @@ fn valid_logits(dir: &Path, fx_model: &Path) -> Vec<Vec<f32>> {
         .unwrap();
     let p =
         llmtune_models::load_pretrained(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let (logits, _) = p.model.forward(ids, Some(&mask), None, None).unwrap();
+    let (logits, _) = p.model.forward(ids, Some(&mask), None).unwrap();
     rows(&logits, &mask)
 }
 

@@ -8,7 +8,7 @@
 //! top-k and top-p, then sampling from the softmax (or argmax when `do_sample` is false).
 
 use candle_core::{DType, Tensor};
-use llmtune_models::{Llama, ModelError};
+use llmtune_models::{CausalLm, ModelError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -32,6 +32,10 @@ pub struct GenerationConfig {
     pub stop_ids: Vec<u32>,
     /// RNG seed for sampling.
     pub seed: u64,
+    /// Only ids below this are generated: the tokenizer's vocabulary size when the model's
+    /// output layer is padded past it (ChatGLM2/3: 65024 logits, 64794 tokens). `None` = every
+    /// logit.
+    pub vocab_size: Option<usize>,
 }
 
 impl Default for GenerationConfig {
@@ -45,6 +49,7 @@ impl Default for GenerationConfig {
             max_new_tokens: 512,
             stop_ids: vec![],
             seed: 42,
+            vocab_size: None,
         }
     }
 }
@@ -189,7 +194,7 @@ fn argmax(x: &[f32]) -> u32 {
 /// Rows are independent: a row's output does not depend on the other rows except through the
 /// shared RNG stream when sampling.
 pub fn generate(
-    model: &Llama,
+    model: &CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &GenerationConfig,
@@ -202,7 +207,7 @@ pub fn generate(
 /// [`generate`] that stops before the next token once `cancel` is set (Ctrl-C in a chat, a
 /// client that went away); unfinished rows end with [`FinishReason::Cancelled`].
 pub fn generate_cancellable(
-    model: &Llama,
+    model: &CausalLm,
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &GenerationConfig,
@@ -257,6 +262,9 @@ pub fn generate_cancellable(
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (j, &row) in active.iter().enumerate() {
+            if let Some(v) = cfg.vocab_size {
+                logits[j].truncate(v.max(1));
+            }
             let tok = sampler.pick(&mut logits[j], &seen[row], cfg);
             on_token(row, tok);
             out[row].tokens.push(tok);

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 mod device;
 use device::test_device;
 use llmtune_generate::{generate, FinishReason, GenerationConfig};
-use llmtune_models::{config::LlamaConfig, loader, Llama};
+use llmtune_models::{config::LlamaConfig, loader, CausalLm, Llama};
 
 fn fixtures() -> Option<PathBuf> {
     match std::env::var_os("LLMTUNE_FIXTURES") {
@@ -36,13 +36,14 @@ fn run(arch: &str) {
     let Some(dir) = fixtures() else { return };
     let dir = dir.join(arch);
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    let model = Llama::load(
+    let model: CausalLm = Llama::load(
         &cfg,
         loader::open_dir(&dir).unwrap().as_ref(),
         DType::F32,
         &test_device(),
     )
-    .unwrap();
+    .unwrap()
+    .into();
     let cases =
         candle_core::safetensors::load(dir.join("cases.safetensors"), &Device::Cpu).unwrap();
     let mut prompts = Vec::new();

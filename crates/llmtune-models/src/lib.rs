@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+pub mod causal;
 pub mod chatglm;
 pub mod chatglm2;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod loader;
 
+pub use causal::{CausalLm, LayerCtx};
 pub use chatglm::{ChatGlm, ChatGlmConfig};
 pub use chatglm2::{ChatGlm2, ChatGlm2Config};
 pub use config::LlamaConfig;
@@ -77,7 +79,7 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 /// What was loaded, for choosing defaults (template) and for messages.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// `llama`, `qwen2`, `mistral`.
+    /// `llama`, `qwen2`, `mistral`, `chatglm` (`config.json`'s `model_type`).
     pub model_type: String,
     /// The folder or file the weights came from.
     pub path: PathBuf,
@@ -89,7 +91,7 @@ pub struct ModelInfo {
 
 /// A loaded model with its tokenizer.
 pub struct Pretrained {
-    pub model: Llama,
+    pub model: CausalLm,
     pub tokenizer: Tokenizer,
     pub info: ModelInfo,
 }
@@ -142,7 +144,7 @@ pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Res
         }
         let g = gguf::load_gguf(&path, device)?;
         let tokenizer = llmtune_tokenize::gguf::tokenizer_from_gguf(&g.vocab, path.clone())?;
-        let model = Llama::load(&g.config, &g.weights, dtype, device)?;
+        let model = Llama::load(&g.config, &g.weights, dtype, device)?.into();
         return Ok(Pretrained {
             info: ModelInfo {
                 model_type: g.config.model_type.clone(),
@@ -166,13 +168,42 @@ pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Res
         )));
     }
     let cfg_path = path.join("config.json");
-    let cfg = LlamaConfig::from_file(&cfg_path)?;
-    let src = loader::open_dir(&path)?;
-    let model = Llama::load(&cfg, src.as_ref(), dtype, device)?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: cfg_path.clone(),
+        msg: e.to_string(),
+    })?;
+    // The config is checked before the weights are looked for.
+    let (model, model_type): (CausalLm, String) = match chatglm_version(&raw) {
+        Some(1) => {
+            let cfg = ChatGlmConfig::from_file(&cfg_path)?;
+            let src = loader::open_dir(&path)?;
+            (
+                ChatGlm::load(&cfg, src.as_ref(), dtype, device)?.into(),
+                "chatglm".into(),
+            )
+        }
+        Some(_) => {
+            let cfg = ChatGlm2Config::from_file(&cfg_path)?;
+            let src = loader::open_dir(&path)?;
+            (
+                ChatGlm2::load(&cfg, src.as_ref(), dtype, device)?.into(),
+                "chatglm".into(),
+            )
+        }
+        None => {
+            let cfg = LlamaConfig::from_file(&cfg_path)?;
+            let src = loader::open_dir(&path)?;
+            (
+                Llama::load(&cfg, src.as_ref(), dtype, device)?.into(),
+                cfg.model_type.clone(),
+            )
+        }
+    };
     let tokenizer = Tokenizer::from_dir(&path)?;
     Ok(Pretrained {
         info: ModelInfo {
-            model_type: cfg.model_type.clone(),
+            model_type,
             path,
             from_gguf: false,
             alias,
@@ -180,4 +211,21 @@ pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Res
         model,
         tokenizer,
     })
+}
+
+/// The ChatGLM version of a parsed `config.json`: `Some(1)` for ChatGLM-6B (it has
+/// `position_encoding_2d`), `Some(2)` for ChatGLM2/3 (`multi_query_attention` or
+/// `padded_vocab_size`; ChatGLM3 has the same architecture), `None` when `model_type` is not
+/// `chatglm`.
+pub fn chatglm_version(config: &serde_json::Value) -> Option<u32> {
+    let mt = config.get("model_type").and_then(|v| v.as_str())?;
+    if !mt.eq_ignore_ascii_case("chatglm") {
+        return None;
+    }
+    let has = |k: &str| config.get(k).is_some();
+    if has("multi_query_attention") || has("padded_vocab_size") || has("kv_channels") {
+        Some(2)
+    } else {
+        Some(1)
+    }
 }

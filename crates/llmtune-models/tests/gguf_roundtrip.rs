@@ -185,8 +185,14 @@ fn gguf_written_like_llama_cpp_loads_back() {
     }
     let p = load_pretrained(path.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     assert!(p.info.from_gguf);
+    let llmtune_models::CausalLm::Llama(model) = &p.model else {
+        panic!(
+            "a GGUF file loads as a Llama-family model, got {}",
+            p.model.arch()
+        );
+    };
     assert!(
-        p.model.lm_head.is_none(),
+        model.lm_head.is_none(),
         "no output.weight means tied embeddings"
     );
     // Logits equal the fixture's.
@@ -195,7 +201,7 @@ fn gguf_written_like_llama_cpp_loads_back() {
     let mask = &c["forward.attention_mask"];
     let (b, t) = ids.dims2().unwrap();
     let pos: Vec<Vec<i64>> = vec![(0..t as i64).collect(); b];
-    let (logits, _) = p.model.forward(ids, Some(mask), Some(&pos), None).unwrap();
+    let (logits, _) = model.forward(ids, Some(mask), Some(&pos), None).unwrap();
     let d = assert_close(
         "gguf logits",
         &flat_f32(&logits),

@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut lora = Lora::new();
     lora.insert_adapter(&mut p.model, "reward", cfg, weights, false)?;
     lora.save_peft("reward", &out, &args[1])?;
-    ValueHead::new(p.model.cfg.hidden_size, DType::F32, &Device::Cpu, seed)?.save(&out)?;
+    ValueHead::new(p.model.hidden_size(), DType::F32, &Device::Cpu, seed)?.save(&out)?;
     eprintln!("stand-in reward model written to {}", out.display());
     Ok(())
 }

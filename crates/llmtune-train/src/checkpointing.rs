@@ -15,9 +15,9 @@
 //! activations. LoRA dropout masks come from a counter-based stream; each layer's recomputation
 //! replays the stream position of its first pass, so both passes draw the same masks.
 
-use candle_core::{Module, Tensor, Var};
+use candle_core::{Tensor, Var};
 use llmtune_adapters::Lora;
-use llmtune_models::Llama;
+use llmtune_models::CausalLm;
 
 use crate::error::{other, Error, Result};
 use crate::optim::Gradients;
@@ -74,31 +74,62 @@ impl<'a> PartialGrads<'a> {
 ///
 /// `lora`, when given, is the adapter set whose dropout stream is replayed per layer.
 pub fn checkpointed_grads(
-    model: &Llama,
+    model: &CausalLm,
     input_ids: &Tensor,
     attention_mask: Option<&Tensor>,
     lora: Option<&Lora>,
     vars: &[(String, Var)],
     head: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Gradients)> {
-    let (b, t) = input_ids.dims2()?;
-    let ctx = model.layer_context(attention_mask, b, t).map_err(other)?;
-    let n = model.layers.len();
+    checkpointed(model, input_ids, attention_mask, lora, vars, false, head)
+}
+
+/// [`checkpointed_grads`] whose head reads the value hidden states
+/// ([`CausalLm::forward_with_value`]: before the final norm for ChatGLM2/3), for value heads.
+pub fn checkpointed_value_grads(
+    model: &CausalLm,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    lora: Option<&Lora>,
+    vars: &[(String, Var)],
+    head: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Gradients)> {
+    checkpointed(model, input_ids, attention_mask, lora, vars, true, head)
+}
+
+fn checkpointed(
+    model: &CausalLm,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    lora: Option<&Lora>,
+    vars: &[(String, Var)],
+    value: bool,
+    head: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Gradients)> {
+    let ctx = model
+        .layer_context(input_ids, attention_mask)
+        .map_err(other)?;
+    let n = model.num_layers();
     let mut inputs: Vec<Option<Tensor>> = Vec::with_capacity(n);
     let mut streams = Vec::with_capacity(n);
     let mut x = model.embed(input_ids).map_err(other)?.detach();
-    for layer in &model.layers {
+    for i in 0..n {
         streams.push(lora.map(|l| l.dropout_state()));
         inputs.push(Some(x.clone()));
-        x = ctx.forward(layer, &x).map_err(other)?.detach();
+        x = model.layer_forward(&ctx, i, &x).map_err(other)?.detach();
     }
     let end_stream = lora.map(|l| l.dropout_state());
     let mut acc = PartialGrads::new(vars);
 
-    // The head: final norm, then the caller's scalar.
+    // The head: final norm (or the value hidden states), then the caller's scalar.
     let top = Var::from_tensor(&x)?;
     drop(x);
-    let hidden = model.norm.forward(top.as_tensor())?;
+    let hidden = if value {
+        model.value_from_top(top.as_tensor())
+    } else {
+        model.final_norm(top.as_tensor())
+    }
+    .map_err(other)?;
     let out = head(&hidden)?;
     drop(hidden);
     let store = out.backward()?;
@@ -116,8 +147,8 @@ pub fn checkpointed_grads(
         let input = inputs[i].take().expect("each layer input is used once");
         let xi = Var::from_tensor(&input)?;
         drop(input);
-        let y = ctx
-            .forward(&model.layers[i], xi.as_tensor())
+        let y = model
+            .layer_forward(&ctx, i, xi.as_tensor())
             .map_err(other)?;
         let surrogate = (y * &grad)?.sum_all()?;
         let store = surrogate.backward()?;
@@ -129,7 +160,7 @@ pub fn checkpointed_grads(
         })?;
     }
     // The embedding, when it is trained (full fine-tuning).
-    if model.embed_tokens.is_variable() {
+    if model.embed_is_variable() {
         let e = model.embed(input_ids).map_err(other)?;
         let store = (e * &grad)?.sum_all()?.backward()?;
         acc.add(&store)?;

@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor};
 use llmtune_adapters::{Lora, LoraConfig};
 use llmtune_models::loader::RandomSource;
-use llmtune_models::{Llama, LlamaConfig};
+use llmtune_models::{CausalLm, Llama, LlamaConfig};
 use llmtune_train::checkpointing::checkpointed_grads;
 use llmtune_train::optim::Gradients;
 use llmtune_train::stages::sft::causal_lm_loss;
@@ -14,7 +14,7 @@ use llmtune_train::stages::sft::causal_lm_loss;
 mod device;
 use device::test_device;
 
-fn tiny(tied: bool) -> Llama {
+fn tiny(tied: bool) -> CausalLm {
     let cfg = LlamaConfig::from_json_str(
         &serde_json::json!({
             "model_type": "llama", "vocab_size": 97, "hidden_size": 32,
@@ -31,10 +31,48 @@ fn tiny(tied: bool) -> Llama {
         &test_device(),
     )
     .unwrap()
+    .into()
 }
 
 fn check(tied: bool, dropout: f64) {
-    let mut model = tiny(tied);
+    let (b, t) = (2, 9);
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % 97) as u32).collect();
+    check_model(tiny(tied), ids, (b, t), dropout);
+}
+
+/// The fixture ChatGLM models (`LLMTUNE_FIXTURES`), as [`CausalLm`]s, with ids whose rows are
+/// `[pads] source [gMASK] <sop> target` (v1 needs them; v2 takes them as any tokens).
+fn check_chatglm(version: u32, dropout: f64) {
+    let Some(fx) = std::env::var_os("LLMTUNE_FIXTURES").map(std::path::PathBuf::from) else {
+        eprintln!("skipped: LLMTUNE_FIXTURES not set");
+        return;
+    };
+    let dev = test_device();
+    let (b, t) = (2, 9);
+    let (model, gmask, sop): (CausalLm, u32, u32) = if version == 1 {
+        let dir = fx.join("chatglm1");
+        let cfg = llmtune_models::ChatGlmConfig::from_file(&dir.join("config.json")).unwrap();
+        let src = llmtune_models::loader::open_dir(&dir).unwrap();
+        let m = llmtune_models::ChatGlm::load(&cfg, src.as_ref(), DType::F32, &dev).unwrap();
+        (m.into(), cfg.gmask_token_id, cfg.bos_token_id)
+    } else {
+        let dir = fx.join("chatglm2");
+        let cfg = llmtune_models::ChatGlm2Config::from_file(&dir.join("config.json")).unwrap();
+        let src = llmtune_models::loader::open_dir(&dir).unwrap();
+        let m = llmtune_models::ChatGlm2::load(&cfg, src.as_ref(), DType::F32, &dev).unwrap();
+        (m.into(), 5, 6)
+    };
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| match i % t {
+            5 => gmask,
+            6 => sop,
+            _ => ((i * 37 + 11) % 97) as u32 + 10,
+        })
+        .collect();
+    check_model(model, ids, (b, t), dropout);
+}
+
+fn check_model(mut model: CausalLm, ids_v: Vec<u32>, (b, t): (usize, usize), dropout: f64) {
     let mut lora = Lora::new();
     let cfg = LoraConfig::new(4, 8.0, dropout, "all").unwrap();
     lora.add_adapter(&mut model, "default", &cfg, 3).unwrap();
@@ -46,26 +84,18 @@ fn check(tied: bool, dropout: f64) {
     lora.set_training(true);
     lora.set_dropout_seed(11);
     let vars = lora.trainable();
-    let (b, t) = (2, 9);
-    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % 97) as u32).collect();
-    let ids = Tensor::from_vec(ids.clone(), (b, t), &test_device()).unwrap();
+    let ids = Tensor::from_vec(ids_v.clone(), (b, t), &test_device()).unwrap();
     // Left padding on row 1 (two pads), labels on the last five positions.
     let mask: Vec<i64> = (0..b * t)
         .map(|i| if i >= t && i < t + 2 { 0 } else { 1 })
         .collect();
     let mask = Tensor::from_vec(mask, (b, t), &test_device()).unwrap();
     let labels: Vec<i64> = (0..b * t)
-        .map(|i| {
-            if i % t >= 4 {
-                ((i * 37 + 5) % 97) as i64
-            } else {
-                -100
-            }
-        })
+        .map(|i| if i % t >= 4 { ids_v[i] as i64 } else { -100 })
         .collect();
 
     let state = lora.dropout_state();
-    let (logits, _) = model.forward(&ids, Some(&mask), None, None).unwrap();
+    let (logits, _) = model.forward(&ids, Some(&mask), None).unwrap();
     let plain = causal_lm_loss(&logits, &labels, b, t).unwrap();
     let store = plain.backward().unwrap();
     let plain_grads = Gradients::from_grad_store(&store, &vars).unwrap();
@@ -116,4 +146,14 @@ fn checkpointed_gradients_equal_plain_gradients() {
 #[test]
 fn checkpointed_gradients_replay_lora_dropout() {
     check(false, 0.3);
+}
+
+#[test]
+fn checkpointed_gradients_chatglm1() {
+    check_chatglm(1, 0.3);
+}
+
+#[test]
+fn checkpointed_gradients_chatglm2() {
+    check_chatglm(2, 0.3);
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use llmtune_adapters::{Lora, ValueHead, DEFAULT_ADAPTER};
-use llmtune_models::{config::LlamaConfig, loader, Llama};
+use llmtune_models::{config::LlamaConfig, loader, CausalLm, Llama};
 use llmtune_train::ppo::{
     compute_rewards, policy_forward, ppo_loss, MiniBatch, PpoHyper, PpoLoss, Rewards, Rows,
     SeqBatch,
@@ -40,10 +40,12 @@ fn load(arch: &str) -> Option<(PathBuf, HashMap<String, Tensor>, serde_json::Val
     Some((dir, cases, json))
 }
 
-fn load_model(dir: &Path) -> Llama {
+fn load_model(dir: &Path) -> CausalLm {
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
     let src = loader::open_dir(dir).unwrap();
-    Llama::load(&cfg, src.as_ref(), DType::F32, &Device::Cpu).unwrap()
+    Llama::load(&cfg, src.as_ref(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .into()
 }
 
 fn flat(t: &Tensor) -> Vec<f64> {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use llmtune_adapters::value_head::{gather_last, last_token_index};
 use llmtune_adapters::{apply_checkpoints, Lora, LoraConfig, ValueHead};
-use llmtune_models::{config::LlamaConfig, loader, Llama};
+use llmtune_models::{config::LlamaConfig, loader, CausalLm, Llama};
 use llmtune_train::ppo::{policy_forward, reward_scores, SeqBatch};
 use llmtune_train::stages::ppo::{
     check_reward_model, load_models, with_merged_adapter, REWARD_ADAPTER,
@@ -48,7 +48,7 @@ const H: usize = 16;
 const V: usize = 37;
 
 /// A tiny random Llama: hidden 16, 2 layers, 4 heads / 2 KV heads, FFN 24, vocab 37.
-fn tiny(seed: u64) -> Llama {
+fn tiny(seed: u64) -> CausalLm {
     let json = r#"{"model_type": "llama", "vocab_size": 37, "hidden_size": 16, "intermediate_size": 24,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
@@ -79,7 +79,9 @@ fn tiny(seed: u64) -> Llama {
         }
     }
     let src = loader::MapSource::new(w, "tiny");
-    Llama::load(&cfg, &src, DType::F32, &Device::Cpu).unwrap()
+    Llama::load(&cfg, &src, DType::F32, &Device::Cpu)
+        .unwrap()
+        .into()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -261,7 +263,7 @@ fn reward_swap_leaves_the_policy_unchanged() {
     lora.load_peft(&mut rm, &d.rm, "r", false).unwrap();
     let head = ValueHead::load(&d.rm, DType::F32, &Device::Cpu, false).unwrap();
     let hidden = rm
-        .forward_hidden(&b.input_ids, Some(&b.attention_mask), None, None)
+        .forward_hidden(&b.input_ids, Some(&b.attention_mask), None)
         .unwrap();
     let last = last_token_index(&b.attention_mask).unwrap();
     assert_eq!(last, b.last_index());
@@ -277,7 +279,7 @@ fn reward_swap_leaves_the_policy_unchanged() {
             &m.reward_head
                 .forward(
                     &model
-                        .forward_hidden(&b.input_ids, Some(&b.attention_mask), None, None)
+                        .forward_hidden(&b.input_ids, Some(&b.attention_mask), None)
                         .unwrap(),
                 )
                 .unwrap(),

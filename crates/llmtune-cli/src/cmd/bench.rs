@@ -201,6 +201,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut lora = Lora::new();
     lora.add_adapter(&mut model, "default", &lcfg, 0)?;
     lora.set_training(true);
+    let model = llmtune_models::CausalLm::Llama(model);
     let vars = lora.trainable();
     let n_lora: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
@@ -255,7 +256,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
                 lm_loss,
             )?
         } else {
-            let hidden = model.forward_hidden(&ids, None, None, None)?;
+            let hidden = model.forward_hidden(&ids, None, None)?;
             let loss = lm_loss(&hidden)?;
             drop(hidden);
             let store = loss.backward()?;
@@ -365,7 +366,7 @@ fn logits(a: LogitsArgs) -> anyhow::Result<ExitCode> {
     let mut i = 0;
     while let Some(ids) = inputs.get(&format!("ids.{i}")) {
         let ids = ids.to_dtype(DType::U32)?.flatten_all()?.unsqueeze(0)?;
-        let (l, _) = p.model.forward(&ids, None, None, None)?;
+        let (l, _) = p.model.forward(&ids, None, None)?;
         out.insert(format!("logits.{i}"), l.squeeze(0)?.to_dtype(DType::F32)?);
         i += 1;
     }

@@ -96,6 +96,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let mut cfg = a.gen.config(rt.stop_ids());
+        cfg.vocab_size = p.model.is_chatglm().then(|| p.tokenizer.vocab_size());
         cfg.seed = a.gen.seed.wrapping_add(turn);
         turn += 1;
         print!("Assistant: ");

@@ -99,6 +99,13 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     };
     let max_shard = parse_size(&a.max_shard_size)?;
     let (mut p, name) = load_merged(&a.model_name_or_path, &a.checkpoint_dir)?;
+    let cfg = match &p.model {
+        llmtune_models::CausalLm::Llama(m) => m.cfg.clone(),
+        other => anyhow::bail!(
+            "export of {} models ({name}) is not implemented yet",
+            other.arch()
+        ),
+    };
     let template = match &a.template {
         Some(t) => Template::by_name(t)?,
         None => Template::default_for_model_type(&p.info.model_type, &p.tokenizer),
@@ -111,7 +118,6 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
     // Weights, in HF names and order.
-    let cfg = p.model.cfg.clone();
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (n, t) in p.model.params_mut() {
         tensors.push((n, t.detach().to_dtype(dtype.0)?));

@@ -43,7 +43,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     let enc = rt
         .encode_prompt(a.system.as_deref(), &[], &a.prompt, a.gen.max_length)?
         .context("the prompt does not fit in --max_length")?;
-    let cfg = a.gen.config(rt.stop_ids());
+    let mut cfg = a.gen.config(rt.stop_ids());
+    cfg.vocab_size = p.model.is_chatglm().then(|| p.tokenizer.vocab_size());
     let pad = p.tokenizer.pad_id().unwrap_or(0);
     let mut dec = StreamDecoder::new();
     let mut stdout = std::io::stdout();

@@ -20,7 +20,7 @@ pub mod core;
 use candle_core::{DType, Device, Tensor};
 use llmtune_adapters::value_head::{gather_last, ValueHead};
 use llmtune_adapters::Lora;
-use llmtune_models::Llama;
+use llmtune_models::CausalLm;
 
 pub use self::core::{
     compute_advantages, compute_rewards, entropy_from_logits, masked_mean, masked_var,
@@ -138,18 +138,21 @@ pub struct PolicyOutput {
 /// log-probabilities of the response tokens, their logits and, with `head`, the values.
 /// Differentiable in whatever is trainable.
 pub fn policy_forward(
-    model: &Llama,
+    model: &CausalLm,
     head: Option<&ValueHead>,
     batch: &SeqBatch,
 ) -> Result<PolicyOutput> {
-    let hidden = model
-        .forward_hidden(&batch.input_ids, Some(&batch.attention_mask), None, None)
+    let (hidden, value_hidden) = model
+        .forward_with_value(&batch.input_ids, Some(&batch.attention_mask))
         .map_err(other)?;
     let slice = hidden.narrow(1, batch.q_width - 1, batch.r_width)?;
     let logits = model.logits(&slice).map_err(other)?;
     let logprobs = llmtune_ops::gather_logprobs(&logits, &batch.targets)?;
     let values = match head {
-        Some(h) => Some(h.forward(&slice).map_err(other)?),
+        Some(h) => {
+            let v = value_hidden.narrow(1, batch.q_width - 1, batch.r_width)?;
+            Some(h.forward(&v).map_err(other)?)
+        }
         None => None,
     };
     Ok(PolicyOutput {
@@ -163,17 +166,17 @@ pub fn policy_forward(
 /// at the last token of each query + response; the switches are restored afterwards (also on
 /// error).
 pub fn reward_scores(
-    model: &Llama,
+    model: &CausalLm,
     lora: &Lora,
     reward_adapter: &str,
     reward_head: &ValueHead,
     batch: &SeqBatch,
 ) -> Result<Vec<f64>> {
     let _swap = lora.activated(reward_adapter).map_err(other)?;
-    let hidden = model
-        .forward_hidden(&batch.input_ids, Some(&batch.attention_mask), None, None)
-        .map_err(other)?
-        .detach();
+    let (_, hidden) = model
+        .forward_with_value(&batch.input_ids, Some(&batch.attention_mask))
+        .map_err(other)?;
+    let hidden = hidden.detach();
     let values = reward_head.forward(&hidden).map_err(other)?;
     let scores = gather_last(&values, &batch.last_index()).map_err(other)?;
     Ok(scores.to_dtype(DType::F64)?.to_vec1()?)

@@ -210,11 +210,12 @@ pub fn save_args(args: &TrainArgs, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// LoRA targets: `--lora_target`, else `q_proj,v_proj` for the Llama family.
-pub fn lora_target(args: &TrainArgs) -> String {
+/// LoRA targets: `--lora_target`, else the model's default (`q_proj,v_proj` for the Llama
+/// family, `query_key_value` for ChatGLM).
+pub fn lora_target(args: &TrainArgs, model: &llmtune_models::CausalLm) -> String {
     args.lora_target
         .clone()
-        .unwrap_or_else(|| "q_proj,v_proj".into())
+        .unwrap_or_else(|| model.default_lora_target().into())
 }
 
 pub(crate) fn check_finetuning(args: &TrainArgs) -> Result<()> {
@@ -231,7 +232,7 @@ pub(crate) fn check_finetuning(args: &TrainArgs) -> Result<()> {
 /// `freeze`/`full`, the trained tensors of the (single) folder are loaded into the base.
 pub fn apply_checkpoint_dirs(
     args: &TrainArgs,
-    model: &mut llmtune_models::Llama,
+    model: &mut llmtune_models::CausalLm,
     training: bool,
 ) -> Result<llmtune_adapters::Checkpoints> {
     let dirs = args.checkpoint_dirs();

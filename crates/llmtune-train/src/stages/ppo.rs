@@ -34,7 +34,7 @@ use candle_core::{Device, Tensor, Var};
 use llmtune_adapters::{apply_checkpoints, peft, Lora, LoraConfig, ValueHead};
 use llmtune_data::{Example, Stage};
 use llmtune_generate::{generate, GenerationConfig};
-use llmtune_models::Llama;
+use llmtune_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
 use crate::args::TrainArgs;
@@ -105,7 +105,7 @@ pub fn check_reward_model(dir: &Path) -> Result<()> {
 /// `lora_cfg` and `seed` otherwise), loads the reward adapter and head from `reward_model`,
 /// and creates a fresh critic. The policy adapter is left active.
 pub fn load_models<P: AsRef<Path>>(
-    model: &mut Llama,
+    model: &mut CausalLm,
     checkpoint_dirs: &[P],
     resume_lora_training: bool,
     lora_cfg: &LoraConfig,
@@ -126,7 +126,7 @@ pub fn load_models<P: AsRef<Path>>(
     let master = llmtune_adapters::master_dtype(model.dtype());
     let reward_head = ValueHead::load(reward_model, master, model.device(), false)
         .map_err(|e| other(format!("--reward_model {}: {e}", reward_model.display())))?;
-    let hidden = model.cfg.hidden_size;
+    let hidden = model.hidden_size();
     if reward_head.hidden_size() != hidden {
         return Err(Error::InvalidArgument(format!(
             "--reward_model {}: its value head reads {} hidden features, the model has {hidden} \
@@ -149,10 +149,10 @@ pub fn load_models<P: AsRef<Path>>(
 /// (every adapter disabled meanwhile, so the hooks cost nothing and no graph is built); the
 /// original weight tensors are put back afterwards, bit for bit.
 pub fn with_merged_adapter<R>(
-    model: &mut Llama,
+    model: &mut CausalLm,
     lora: &Lora,
     adapter: &str,
-    f: impl FnOnce(&Llama) -> R,
+    f: impl FnOnce(&CausalLm) -> R,
 ) -> Result<R> {
     let modules = lora.modules(adapter).map_err(other)?;
     let weights: HashMap<String, Tensor> =
@@ -217,6 +217,8 @@ pub struct RolloutConfig {
     pub pad_id: u32,
     /// `--max_target_length`: max new tokens are drawn from `[m / 2, m)`.
     pub max_target_length: usize,
+    /// Only ids below this are sampled (the tokenizer's vocabulary).
+    pub vocab_size: Option<usize>,
 }
 
 impl RolloutConfig {
@@ -294,7 +296,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         args.lora_rank,
         args.lora_alpha,
         args.lora_dropout,
-        &super::lora_target(args),
+        &super::lora_target(args, &p.model),
     )
     .map_err(other)?;
     let dirs = args.checkpoint_dirs();
@@ -320,10 +322,10 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     eprintln!(
         "model {base_name} ({} layers), template {template}; policy LoRA r={} alpha={} on {} + critic head: \
          {n_params} trainable parameters; reward model {} ({} modules); reference = {}",
-        p.model.cfg.num_hidden_layers,
+        p.model.num_layers(),
         args.lora_rank,
         args.lora_alpha,
-        super::lora_target(args),
+        super::lora_target(args, &p.model),
         reward_dir.display(),
         models.lora.modules(REWARD_ADAPTER).map_err(other)?.len(),
         if dirs.is_empty() {
@@ -359,6 +361,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         eos_id: rt.eos_id(),
         pad_id: p.tokenizer.pad_id().unwrap_or(rt.eos_id()),
         max_target_length: args.max_target_length.max(1),
+        vocab_size: p.model.is_chatglm().then(|| p.tokenizer.vocab_size()),
     };
     super::save_args(args, &out)?;
     let mut model = p.model;
@@ -373,7 +376,7 @@ fn train_ppo(
     args: &TrainArgs,
     out: &Path,
     base_name: &str,
-    model: &mut Llama,
+    model: &mut CausalLm,
     models: PpoModels,
     vars: Vec<(String, Var)>,
     queries: &[Vec<u32>],
@@ -514,6 +517,7 @@ fn train_ppo(
                 max_new_tokens: rollout.draw_max_new(&mut rng),
                 stop_ids: rollout.stop_ids.clone(),
                 seed: rng.next_u64(),
+                vocab_size: rollout.vocab_size,
             };
             let t = Instant::now();
             let gen = with_merged_adapter(model, &lora, &policy, |m| {
@@ -763,6 +767,7 @@ mod tests {
             eos_id: 2,
             pad_id: 0,
             max_target_length: m,
+            vocab_size: None,
         }
     }
 

@@ -46,6 +46,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         max_new_tokens: max_new,
         stop_ids: rt.stop_ids().to_vec(),
         seed: args.seed,
+        vocab_size: p.model.is_chatglm().then(|| p.tokenizer.vocab_size()),
     };
     let pad = p.tokenizer.pad_id().unwrap_or(0);
     let bs = args.per_device_eval_batch_size.max(1);

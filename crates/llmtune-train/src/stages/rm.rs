@@ -28,10 +28,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use llmtune_adapters::value_head::{gather_last, last_token_index, VALUE_HEAD_NAME};
 use llmtune_adapters::{apply_checkpoints, pairwise_ranking_loss, Lora, LoraConfig, ValueHead};
 use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
-use llmtune_models::{Llama, Pretrained};
+use llmtune_models::{CausalLm, Pretrained};
 
 use crate::args::TrainArgs;
-use crate::checkpointing::checkpointed_grads;
+use crate::checkpointing::checkpointed_value_grads;
 use crate::error::{other, Error, Result};
 use crate::optim::Gradients;
 use crate::state::{f64_value, save_metrics, speed_metrics};
@@ -46,7 +46,7 @@ const HEAD_SEED: u64 = 0x7661_6c75_655f_6864;
 /// A backbone (with whatever adapters are active or merged) and a value head: scores
 /// preference pairs.
 pub struct RewardModel<'a> {
-    pub model: &'a Llama,
+    pub model: &'a CausalLm,
     pub head: ValueHead,
     pub collate: CollateArgs,
 }
@@ -74,9 +74,9 @@ impl RewardModel<'_> {
     /// last real token (the eos). Differentiable in the adapter and the head.
     pub fn rewards(&self, pairs: &[&Example]) -> Result<PairRewards> {
         let (ids, mask, tokens) = self.inputs(pairs)?;
-        let hidden = self
+        let (_, hidden) = self
             .model
-            .forward_hidden(&ids, Some(&mask), None, None)
+            .forward_with_value(&ids, Some(&mask))
             .map_err(other)?;
         self.rewards_from_hidden(&hidden, &mask, pairs.len(), tokens)
     }
@@ -98,7 +98,8 @@ impl RewardModel<'_> {
         Ok((ids, mask, tokens))
     }
 
-    /// The value head on the final hidden states `[2n, T, H]` of [`RewardModel::inputs`]: each
+    /// The value head on the value hidden states `[2n, T, H]` (see
+    /// [`CausalLm::forward_with_value`]) of [`RewardModel::inputs`]: each
     /// row's reward is the head's output at its last real token (the eos).
     pub fn rewards_from_hidden(
         &self,
@@ -164,7 +165,7 @@ impl Task for RmTask<'_> {
         let (ids, mask, tokens) = self.rm.inputs(&rows)?;
         let rm = &self.rm;
         let (loss, grads) =
-            checkpointed_grads(rm.model, &ids, Some(&mask), Some(&self.lora), vars, |h| {
+            checkpointed_value_grads(rm.model, &ids, Some(&mask), Some(&self.lora), vars, |h| {
                 let r = rm.rewards_from_hidden(h, &mask, rows.len(), tokens)?;
                 let loss = pairwise_ranking_loss(&r.chosen, &r.rejected).map_err(other)?;
                 Ok((loss * scale)?)
@@ -300,7 +301,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> 
         args.lora_rank,
         args.lora_alpha,
         args.lora_dropout,
-        &super::lora_target(args),
+        &super::lora_target(args, &p.model),
     )
     .map_err(other)?;
     let adapter = ck
@@ -311,7 +312,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> 
     ck.lora.set_training(true);
     // The value head: the last checkpoint_dir's when it has one (the reference loads it too),
     // else a fresh one.
-    let hidden = p.model.cfg.hidden_size;
+    let hidden = p.model.hidden_size();
     let head_dir = dirs.last().map(PathBuf::from).filter(|d| has_value_head(d));
     let head = match &head_dir {
         Some(d) => {
@@ -339,10 +340,10 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> 
     );
     eprintln!(
         "model {base_name} ({} layers), template {template}, LoRA r={} alpha={} on {}: {n_lora} trainable parameters, value head {}",
-        p.model.cfg.num_hidden_layers,
+        p.model.num_layers(),
         args.lora_rank,
         args.lora_alpha,
-        super::lora_target(args),
+        super::lora_target(args, &p.model),
         hidden + 1
     );
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Rm, false)?;
@@ -477,11 +478,11 @@ pub fn load_reward_model(p: &mut Pretrained, dirs: &[String]) -> Result<(ValueHe
             "--checkpoint_dir {last}: the last folder must hold the reward model's value head: {e}"
         ))
     })?;
-    if head.hidden_size() != p.model.cfg.hidden_size {
+    if head.hidden_size() != p.model.hidden_size() {
         return Err(Error::InvalidArgument(format!(
             "--checkpoint_dir {last}: the value head reads {} features but the model's hidden size is {}",
             head.hidden_size(),
-            p.model.cfg.hidden_size
+            p.model.hidden_size()
         )));
     }
     let mut lora = apply_checkpoints(&mut p.model, before, false, false)

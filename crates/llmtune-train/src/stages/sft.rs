@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use llmtune_adapters::{Lora, LoraConfig, ModuleGroup};
 use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
-use llmtune_models::Llama;
+use llmtune_models::CausalLm;
 
 use crate::args::{FinetuningType, TrainArgs};
 use crate::checkpointing::checkpointed_grads;
@@ -28,7 +28,7 @@ enum Trained {
 }
 
 struct SftTask<'a> {
-    model: &'a Llama,
+    model: &'a CausalLm,
     trained: Trained,
     base_name: String,
     train: Vec<Example>,
@@ -97,10 +97,7 @@ impl Task for SftTask<'_> {
 
     fn loss(&mut self, batch: &[usize], eval: bool) -> Result<(Tensor, u64)> {
         let (ids, mask, b) = self.batch(batch, eval)?;
-        let (logits, _) = self
-            .model
-            .forward(&ids, Some(&mask), None, None)
-            .map_err(other)?;
+        let (logits, _) = self.model.forward(&ids, Some(&mask), None).map_err(other)?;
         let labels = b
             .labels
             .as_ref()
@@ -189,7 +186,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             eprintln!(
                 "model {base_name} ({} layers), template {template}, --finetuning_type {:?}: {n} trainable parameters in {} tensors",
-                p.model.cfg.num_hidden_layers,
+                p.model.num_layers(),
                 args.finetuning_type,
                 vars.len()
             );
@@ -200,7 +197,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
                 args.lora_rank,
                 args.lora_alpha,
                 args.lora_dropout,
-                &super::lora_target(args),
+                &super::lora_target(args, &p.model),
             )
             .map_err(other)?;
             let adapter = ck
@@ -213,10 +210,10 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             eprintln!(
                 "model {base_name} ({} layers), template {template}, LoRA r={} alpha={} on {}: {n_params} trainable parameters",
-                p.model.cfg.num_hidden_layers,
+                p.model.num_layers(),
                 args.lora_rank,
                 args.lora_alpha,
-                super::lora_target(args)
+                super::lora_target(args, &p.model)
             );
             (
                 Trained::Lora {

@@ -1,0 +1,395 @@
+//! SFT -> RM -> PPO -> predict -> chat on tiny ChatGLM models (`LLMTUNE_FIXTURES`
+//! `chatglm1`, `chatglm2`) with the real ChatGLM tokenizers (`LLMTUNE_SHARED`), using the
+//! model's defaults: the template (`chatglm`/`chatglm2` from the tokenizer) and the LoRA target
+//! (`query_key_value`).
+//!
+//! The fixture models have a 1000-token vocabulary while the real tokenizers emit ids up to
+//! 130527 (v1) or 65023 (v2), so each test builds a model folder in a temp dir: the fixture's
+//! config with the real vocabulary size (and, for v1, the real special ids), the fixture's
+//! block weights, and random embeddings / output layer (std 0.02) of the real vocabulary size.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn shared() -> Option<PathBuf> {
+    match std::env::var_os("LLMTUNE_SHARED") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("skipped: LLMTUNE_SHARED not set");
+            None
+        }
+    }
+}
+
+fn fixtures() -> Option<PathBuf> {
+    match std::env::var_os("LLMTUNE_FIXTURES") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("skipped: LLMTUNE_FIXTURES not set");
+            None
+        }
+    }
+}
+
+fn example_data() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../data/example")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "llmtune-pipeline-glm-{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn llmtune(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
+        .args(args)
+        .env(
+            "LLMTUNE_HOME",
+            std::env::temp_dir().join("llmtune-test-home"),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "llmtune {}\n{err}", args.join(" "));
+    err
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", p.display())))
+        .collect()
+}
+
+#[allow(dead_code)]
+fn assert_png(p: &Path) {
+    let b = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(
+        b.len() > 1000 && b.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "{} is not a PNG plot",
+        p.display()
+    );
+}
+
+/// The tensors of a safetensors file, by name, with a check that they are finite.
+fn tensors(p: &Path) -> Vec<String> {
+    let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for (k, v) in &t {
+        let s = v
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(s.is_finite(), "{}: {k} is not finite", p.display());
+    }
+    t.into_keys().collect()
+}
+
+/// The tiny fixture model `arch` widened to the real tokenizer's vocabulary, with that
+/// tokenizer beside it (see the module docs).
+fn glm_model(fx: &Path, shared: &Path, arch: &str, root: &Path) -> PathBuf {
+    use candle_core::{DType, Device, Tensor};
+    let src = fx.join(arch);
+    let out = root.join("model");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut cfg = read_json(&src.join("config.json"));
+    let obj = cfg.as_object_mut().unwrap();
+    let (vocab, tok_dir, tok_file, embed, head) = if arch == "chatglm1" {
+        // The real ChatGLM-6B special ids are the config defaults.
+        for k in [
+            "bos_token_id",
+            "eos_token_id",
+            "mask_token_id",
+            "gmask_token_id",
+            "pad_token_id",
+        ] {
+            obj.remove(k);
+        }
+        obj.insert("vocab_size".into(), 130528.into());
+        (
+            130528,
+            "reference/chatglm/v1",
+            "ice_text.model",
+            "transformer.word_embeddings.weight",
+            "lm_head.weight",
+        )
+    } else {
+        obj.insert("padded_vocab_size".into(), 65024.into());
+        (
+            65024,
+            "reference/chatglm/v2",
+            "tokenizer.model",
+            "transformer.embedding.word_embeddings.weight",
+            "transformer.output_layer.weight",
+        )
+    };
+    let hidden = cfg["hidden_size"].as_u64().unwrap() as usize;
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let mut w =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    // Deterministic uniform values of std 0.02 (an LCG), so every run trains the same model.
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for name in [embed, head] {
+        assert!(w.contains_key(name), "{arch}: no {name}");
+        let v: Vec<f32> = (0..vocab * hidden)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                (u - 0.5) * 0.02 * 12f32.sqrt()
+            })
+            .collect();
+        let t = Tensor::from_vec(v, (vocab, hidden), &Device::Cpu).unwrap();
+        w.insert(name.to_string(), t.to_dtype(DType::F32).unwrap());
+    }
+    candle_core::safetensors::save(&w, out.join("model.safetensors")).unwrap();
+    for f in [tok_file, "tokenizer_config.json"] {
+        std::fs::copy(shared.join(tok_dir).join(f), out.join(f)).unwrap();
+    }
+    out
+}
+
+fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
+    let t0 = std::time::Instant::now();
+    let root = tmp(arch);
+    let model = glm_model(fx, shared, arch, &root);
+    let model = model.to_str().unwrap();
+    let data = example_data();
+    let dir = |n: &str| root.join(n).to_str().unwrap().to_string();
+    let (sft, rm, ppo, pred) = (dir("sft"), dir("rm"), dir("ppo"), dir("pred"));
+    // No --template and no --lora_target: the model's defaults.
+    let common = [
+        "--model_name_or_path",
+        model,
+        "--dataset_dir",
+        &data,
+        "--overwrite_cache",
+        "--lora_rank",
+        "4",
+        "--max_source_length",
+        "32",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "7",
+    ];
+    let with = |stage: &[&str]| -> Vec<String> {
+        stage
+            .iter()
+            .chain(&common)
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| llmtune(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let template = if arch == "chatglm1" {
+        "chatglm"
+    } else {
+        "chatglm2"
+    };
+
+    // 1. SFT, with gradient checkpointing (the per-layer path of this architecture).
+    let err = run(with(&[
+        "train",
+        "--stage",
+        "sft",
+        "--do_train",
+        "--dataset",
+        "example_sft",
+        "--output_dir",
+        &sft,
+        "--per_device_train_batch_size",
+        "2",
+        "--max_target_length",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "2",
+        "--gradient_checkpointing",
+        "true",
+    ]));
+    assert!(
+        err.contains(&format!("template {template}")),
+        "SFT did not pick the {template} template:\n{err}"
+    );
+    let sft_p = Path::new(&sft);
+    let a = tensors(&sft_p.join("adapter_model.safetensors"));
+    assert!(
+        !a.is_empty() && a.iter().all(|k| k.contains("query_key_value")),
+        "{a:?}"
+    );
+    assert_eq!(
+        read_json(&sft_p.join("adapter_config.json"))["target_modules"],
+        serde_json::json!(["query_key_value"])
+    );
+    let log = jsonl(&sft_p.join("trainer_log.jsonl"));
+    assert_eq!(log.len(), 2, "{log:?}");
+    // Random output layer over the full vocabulary: the loss is near ln(vocab).
+    for l in &log {
+        let loss = l["loss"].as_f64().unwrap();
+        assert!(loss > 5.0 && loss < 20.0, "SFT loss {loss}");
+    }
+
+    // 2. RM on top of the SFT adapter.
+    run(with(&[
+        "train",
+        "--stage",
+        "rm",
+        "--do_train",
+        "--dataset",
+        "example_rm",
+        "--resume_lora_training",
+        "false",
+        "--checkpoint_dir",
+        &sft,
+        "--output_dir",
+        &rm,
+        "--per_device_train_batch_size",
+        "2",
+        "--max_target_length",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "2",
+        "--dev_ratio",
+        "0.2",
+        "--do_eval",
+    ]));
+    let rm_p = Path::new(&rm);
+    let vh = tensors(&rm_p.join("value_head.safetensors"));
+    assert!(vh.iter().any(|k| k.contains("summary")), "{vh:?}");
+    let acc = read_json(&rm_p.join("all_results.json"))["eval_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&acc), "eval_accuracy {acc}");
+
+    // 3. PPO with the RM folder as the reward model.
+    run(with(&[
+        "train",
+        "--stage",
+        "ppo",
+        "--do_train",
+        "--dataset",
+        "example_sft",
+        "--resume_lora_training",
+        "false",
+        "--checkpoint_dir",
+        &sft,
+        "--reward_model",
+        &rm,
+        "--output_dir",
+        &ppo,
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_target_length",
+        "6",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "1",
+        "--max_samples",
+        "4",
+    ]));
+    let ppo_p = Path::new(&ppo);
+    tensors(&ppo_p.join("adapter_model.safetensors"));
+    tensors(&ppo_p.join("value_head.safetensors"));
+    let log = jsonl(&ppo_p.join("trainer_log.jsonl"));
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert!(log[0]["reward"].as_f64().unwrap().is_finite(), "{log:?}");
+
+    // 4. Predict with both adapters merged, greedy.
+    let both = format!("{sft},{ppo}");
+    run(with(&[
+        "train",
+        "--stage",
+        "sft",
+        "--do_predict",
+        "--predict_with_generate",
+        "--dataset",
+        "example_test",
+        "--checkpoint_dir",
+        &both,
+        "--output_dir",
+        &pred,
+        "--max_target_length",
+        "4",
+        "--max_samples",
+        "3",
+        "--per_device_eval_batch_size",
+        "3",
+        "--do_sample",
+        "false",
+    ]));
+    let preds = jsonl(&Path::new(&pred).join("generated_predictions.jsonl"));
+    assert_eq!(preds.len(), 3);
+    assert!(preds
+        .iter()
+        .all(|p| p["label"].is_string() && p["predict"].is_string()));
+
+    // 5. Chat: one turn, then stop.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
+        .args(["chat", "--model_name_or_path", model])
+        .args(["--checkpoint_dir", &both, "--do_sample", "false"])
+        .args(["--max_new_tokens", "4"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("医生您好，我咳嗽两周了\nstop\n".as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.matches("Assistant: ").count(), 1, "{out}");
+    eprintln!("{arch} walkthrough: {:.1}s", t0.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn walkthrough_chatglm1() {
+    let (Some(fx), Some(sh)) = (fixtures(), shared()) else {
+        return;
+    };
+    walkthrough(&fx, &sh, "chatglm1");
+}
+
+#[test]
+fn walkthrough_chatglm2() {
+    let (Some(fx), Some(sh)) = (fixtures(), shared()) else {
+        return;
+    };
+    walkthrough(&fx, &sh, "chatglm2");
+}
