@@ -393,3 +393,106 @@ fn walkthrough_chatglm2() {
     };
     walkthrough(&fx, &sh, "chatglm2");
 }
+
+/// `llmtune export` of a ChatGLM fixture with its LoRA merged: the folder reloads with the
+/// original tensor names and files, and its logits equal the reference's LoRA logits
+/// (`lora.logits`, valid positions, 1e-4).
+fn export_roundtrip(fx: &Path, shared: &Path, arch: &str) {
+    use candle_core::{DType, Device, IndexOp};
+    let root = tmp(&format!("{arch}-export"));
+    let src = root.join("model");
+    std::fs::create_dir_all(&src).unwrap();
+    let (tok_dir, tok_file) = if arch == "chatglm1" {
+        ("reference/chatglm/v1", "ice_text.model")
+    } else {
+        ("reference/chatglm/v2", "tokenizer.model")
+    };
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fx.join(arch).join(f), src.join(f)).unwrap();
+    }
+    for f in [tok_file, "tokenizer_config.json"] {
+        std::fs::copy(shared.join(tok_dir).join(f), src.join(f)).unwrap();
+    }
+    let out = root.join("export");
+    llmtune(&[
+        "export",
+        "--model_name_or_path",
+        src.to_str().unwrap(),
+        "--checkpoint_dir",
+        fx.join(arch).join("lora").to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+    ]);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        tok_file,
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{arch}: missing {f}");
+    }
+    let cfg = read_json(&out.join("config.json"));
+    assert_eq!(cfg["model_type"], "chatglm");
+    assert_eq!(cfg["torch_dtype"], "float32");
+    let names = tensors(&out.join("model.safetensors"));
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("transformer.") || n == "lm_head.weight"),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.contains("lora")), "{names:?}");
+
+    let cases =
+        candle_core::safetensors::load(fx.join(arch).join("cases.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = &cases["batch.input_ids"];
+    let valid = cases["batch.valid_mask"].to_dtype(DType::U32).unwrap();
+    let p =
+        llmtune_models::load_pretrained(out.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let (logits, _) = p.model.forward(ids, Some(&valid), None).unwrap();
+    let want = &cases["lora.logits"];
+    let base = &cases["batch.logits"];
+    let m: Vec<Vec<u32>> = valid.to_vec2().unwrap();
+    let (mut worst, mut lora_effect) = (0f32, 0f32);
+    for (b, row) in m.iter().enumerate() {
+        for (t, &v) in row.iter().enumerate() {
+            if v == 0 {
+                continue;
+            }
+            let g = logits.i((b, t)).unwrap().to_vec1::<f32>().unwrap();
+            let w = want.i((b, t)).unwrap().to_vec1::<f32>().unwrap();
+            let o = base.i((b, t)).unwrap().to_vec1::<f32>().unwrap();
+            for ((x, y), z) in g.iter().zip(&w).zip(&o) {
+                worst = worst.max((x - y).abs());
+                lora_effect = lora_effect.max((y - z).abs());
+            }
+        }
+    }
+    eprintln!(
+        "{arch} export: max |logits - lora.logits| = {worst:e} (LoRA moves them {lora_effect:e})"
+    );
+    assert!(worst <= 1e-4, "{arch}: exported logits differ by {worst}");
+    assert!(
+        lora_effect > 1e-3,
+        "{arch}: the fixture LoRA changes nothing"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn export_chatglm1() {
+    let (Some(fx), Some(sh)) = (fixtures(), shared()) else {
+        return;
+    };
+    export_roundtrip(&fx, &sh, "chatglm1");
+}
+
+#[test]
+fn export_chatglm2() {
+    let (Some(fx), Some(sh)) = (fixtures(), shared()) else {
+        return;
+    };
+    export_roundtrip(&fx, &sh, "chatglm2");
+}

@@ -7,6 +7,10 @@
 //! * `generation_config.json` with the template's stop ids as `eos_token_id`;
 //! * `tokenizer.json` and `tokenizer_config.json`.
 //!
+//! ChatGLM models keep their original tensor names, and the folder's `config.json` (dtype
+//! updated), remote code (`*.py`) and tokenizer files (`ice_text.model`/`tokenizer.model`,
+//! `tokenizer_config.json`) are copied.
+//!
 //! Every file is written atomically (temporary file, then rename).
 
 use std::path::{Path, PathBuf};
@@ -99,12 +103,12 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     };
     let max_shard = parse_size(&a.max_shard_size)?;
     let (mut p, name) = load_merged(&a.model_name_or_path, &a.checkpoint_dir)?;
+    // Llama-family models get a config.json and tokenizer.json written from what was loaded;
+    // ChatGLM keeps the files of its folder (config.json with `auto_map`, the remote code,
+    // the SentencePiece model).
     let cfg = match &p.model {
-        llmtune_models::CausalLm::Llama(m) => m.cfg.clone(),
-        other => anyhow::bail!(
-            "export of {} models ({name}) is not implemented yet",
-            other.arch()
-        ),
+        llmtune_models::CausalLm::Llama(m) => Some(m.cfg.clone()),
+        _ => None,
     };
     let template = match &a.template {
         Some(t) => Template::by_name(t)?,
@@ -159,7 +163,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
 
-    write_json(&out.join("config.json"), &cfg.to_hf_json(dtype.1))?;
+    if let Some(cfg) = &cfg {
+        write_json(&out.join("config.json"), &cfg.to_hf_json(dtype.1))?;
+    }
     let mut gen = serde_json::json!({
         "eos_token_id": stop_ids,
         "do_sample": true,
@@ -175,6 +181,18 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     }
     write_json(&out.join("generation_config.json"), &gen)?;
 
+    let Some(cfg) = cfg else {
+        copy_chatglm_files(&p.info.path, out, dtype.1)?;
+        eprintln!(
+            "exported {name} ({} tensors, {:.1} MB, {} shard(s), {}) to {}",
+            tensors.len(),
+            total as f64 / 1e6,
+            shards.len(),
+            dtype.1,
+            out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
     // Tokenizer: tokenizer.json as the HF tokenizers library writes it, and its config.
     let tok_json = p
         .tokenizer
@@ -214,6 +232,34 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
         out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The ChatGLM files of the source folder `src`: `config.json` (with `torch_dtype` set to
+/// the export dtype), the remote code (`*.py`) and the tokenizer files.
+fn copy_chatglm_files(src: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
+    let cfg_path = src.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    cfg["torch_dtype"] = dtype.into();
+    write_json(&out.join("config.json"), &cfg)?;
+    let tokenizer_files = [
+        "ice_text.model",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ];
+    for e in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let e = e?;
+        let f = e.file_name().to_string_lossy().to_string();
+        if f.ends_with(".py") || tokenizer_files.contains(&f.as_str()) {
+            let bytes = std::fs::read(e.path())
+                .with_context(|| format!("reading {}", e.path().display()))?;
+            llmtune_train::io::atomic_write(&out.join(&f), &bytes)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
