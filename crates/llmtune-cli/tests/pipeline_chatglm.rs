@@ -1,6 +1,6 @@
 //! SFT -> RM -> PPO -> predict -> chat on tiny ChatGLM models (`LLMTUNE_FIXTURES`
-//! `chatglm1`, `chatglm2`) with the real ChatGLM tokenizers (`LLMTUNE_SHARED`), using the
-//! model's defaults: the template (`chatglm`/`chatglm2` from the tokenizer) and the LoRA target
+//! `chatglm1`, `chatglm2`; ChatGLM3 = the `chatglm2` fixture with the ChatGLM3 tokenizer) with the real ChatGLM tokenizers (`LLMTUNE_SHARED`), using the
+//! model's defaults: the template (`chatglm`/`chatglm2`/`chatglm3` from the tokenizer) and the LoRA target
 //! (`query_key_value`).
 //!
 //! The fixture models have a 1000-token vocabulary while the real tokenizers emit ids up to
@@ -107,9 +107,15 @@ fn tensors(p: &Path) -> Vec<String> {
 
 /// The tiny fixture model `arch` widened to the real tokenizer's vocabulary, with that
 /// tokenizer beside it (see the module docs).
+///
+/// `chatglm3` is the `chatglm2` fixture (same architecture) with the ChatGLM3 tokenizer.
 fn glm_model(fx: &Path, shared: &Path, arch: &str, root: &Path) -> PathBuf {
     use candle_core::{DType, Device, Tensor};
-    let src = fx.join(arch);
+    let src = fx.join(if arch == "chatglm1" {
+        "chatglm1"
+    } else {
+        "chatglm2"
+    });
     let out = root.join("model");
     std::fs::create_dir_all(&out).unwrap();
     let mut cfg = read_json(&src.join("config.json"));
@@ -137,7 +143,11 @@ fn glm_model(fx: &Path, shared: &Path, arch: &str, root: &Path) -> PathBuf {
         obj.insert("padded_vocab_size".into(), 65024.into());
         (
             65024,
-            "reference/chatglm/v2",
+            if arch == "chatglm3" {
+                "reference/chatglm/v2/chatglm3-6b"
+            } else {
+                "reference/chatglm/v2"
+            },
             "tokenizer.model",
             "transformer.embedding.word_embeddings.weight",
             "transformer.output_layer.weight",
@@ -206,10 +216,10 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
             .collect::<Vec<_>>()
     };
     let run = |args: Vec<String>| llmtune(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let template = if arch == "chatglm1" {
-        "chatglm"
-    } else {
-        "chatglm2"
+    let template = match arch {
+        "chatglm1" => "chatglm",
+        "chatglm2" => "chatglm2",
+        _ => "chatglm3",
     };
 
     // 1. SFT, with gradient checkpointing (the per-layer path of this architecture).
@@ -392,6 +402,14 @@ fn walkthrough_chatglm2() {
         return;
     };
     walkthrough(&fx, &sh, "chatglm2");
+}
+
+#[test]
+fn walkthrough_chatglm3() {
+    let (Some(fx), Some(sh)) = (fixtures(), shared()) else {
+        return;
+    };
+    walkthrough(&fx, &sh, "chatglm3");
 }
 
 /// `llmtune export` of a ChatGLM fixture with its LoRA merged: the folder reloads with the

@@ -229,3 +229,22 @@ pub fn chatglm_version(config: &serde_json::Value) -> Option<u32> {
         Some(1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::chatglm_version;
+    use serde_json::json;
+
+    #[test]
+    fn chatglm_versions_from_config() {
+        let v1 =
+            json!({"model_type": "chatglm", "position_encoding_2d": true, "vocab_size": 130528});
+        let v2 = json!({"model_type": "chatglm", "multi_query_attention": true, "padded_vocab_size": 65024});
+        let v2_min = json!({"model_type": "chatglm", "padded_vocab_size": 65024});
+        assert_eq!(chatglm_version(&v1), Some(1));
+        assert_eq!(chatglm_version(&v2), Some(2));
+        assert_eq!(chatglm_version(&v2_min), Some(2));
+        assert_eq!(chatglm_version(&json!({"model_type": "llama"})), None);
+        assert_eq!(chatglm_version(&json!({"hidden_size": 8})), None);
+    }
+}
