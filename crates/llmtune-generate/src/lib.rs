@@ -332,35 +332,104 @@ impl DecodeBatch {
     /// Runs `prompt` alone: returns the logits of its last position (f32, `[vocab]`) and its
     /// one-row cache, to hand to [`DecodeBatch::join`] after sampling the first token.
     pub fn prefill(model: &Llama, prompt: &[u32]) -> Result<(Vec<f32>, KvCache), ModelError> {
-        if prompt.is_empty() {
-            return Err(ModelError::Input("prompt is empty".into()));
+        let mut p = Self::prefill_many(model, &[prompt])?;
+        Ok((p.logits.remove(0), p.cache))
+    }
+
+    /// Runs several prompts as one left-padded batch (one forward instead of one per prompt):
+    /// the last-position logits of each and their cache, to hand to
+    /// [`DecodeBatch::join_rows`].
+    pub fn prefill_many(model: &Llama, prompts: &[&[u32]]) -> Result<Prefilled, ModelError> {
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(ModelError::Input(format!("prompt {i} is empty")));
         }
+        if prompts.is_empty() {
+            return Err(ModelError::Input("no prompts to prefill".into()));
+        }
+        let k = prompts.len();
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(k * len);
+        let mut mask = Vec::with_capacity(k);
+        for p in prompts {
+            let pad = len - p.len();
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend_from_slice(p);
+            let mut m = vec![0u32; pad];
+            m.extend(std::iter::repeat_n(1u32, p.len()));
+            mask.push(m);
+        }
+        let device = model.device();
         let mut cache = model.new_cache();
-        let input = Tensor::from_slice(prompt, (1, prompt.len()), model.device())?;
-        let logits = model.forward_last(&input, None, Some(&mut cache))?;
-        let logits = logits.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?;
-        Ok((logits, cache))
+        let input = Tensor::from_vec(ids, (k, len), device)?;
+        let mask_t = if mask.iter().all(|m| m[0] == 1) {
+            None
+        } else {
+            Some(Tensor::from_vec(
+                mask.iter().flatten().copied().collect::<Vec<u32>>(),
+                (k, len),
+                device,
+            )?)
+        };
+        let logits = model.forward_last(&input, mask_t.as_ref(), Some(&mut cache))?;
+        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(Prefilled {
+            logits,
+            cache,
+            mask,
+        })
     }
 
     /// Appends `copies` rows that continue the one-row prefilled cache `group` (the `n`
     /// choices of a request share one prefill).
     pub fn join(&mut self, group: &KvCache, copies: usize) -> Result<(), ModelError> {
-        if copies == 0 {
+        let p = Prefilled {
+            logits: vec![],
+            cache: group.clone(),
+            mask: vec![vec![1u32; group.len()]],
+        };
+        self.join_rows(&p, &vec![0; copies])
+    }
+
+    /// Appends rows continuing the prefilled prompts `rows` (indices into `p`'s prompts; an
+    /// index may repeat: the `n` choices of a request share one prefill).
+    pub fn join_rows(&mut self, p: &Prefilled, rows: &[usize]) -> Result<(), ModelError> {
+        if rows.is_empty() {
             return Ok(());
         }
-        let mut g = group.clone();
-        if copies > 1 {
-            let idx = Tensor::new(vec![0u32; copies].as_slice(), group_device(group)?)?;
+        if let Some(r) = rows.iter().find(|&&r| r >= p.mask.len()) {
+            return Err(ModelError::Input(format!(
+                "join_rows: row {r} of {} prefilled",
+                p.mask.len()
+            )));
+        }
+        let mut g = p.cache.clone();
+        let mut gmask: Vec<Vec<u32>> = rows.iter().map(|&r| p.mask[r].clone()).collect();
+        if rows.len() != p.mask.len() || rows.iter().enumerate().any(|(i, &r)| i != r) {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), group_device(&g)?)?;
             g.select_rows(&idx)?;
         }
+        // Padding no joining row needs.
+        let lead = gmask
+            .iter()
+            .map(|m| m.iter().take_while(|&&x| x == 0).count())
+            .min()
+            .unwrap_or(0);
+        if lead > 0 {
+            g.trim_left(lead)?;
+            for m in gmask.iter_mut() {
+                m.drain(..lead);
+            }
+        }
         let (have, add) = (self.positions(), g.len());
-        let mut row = vec![0u32; have.saturating_sub(add)];
-        row.extend(std::iter::repeat_n(1u32, add));
         if self.is_empty() {
             self.cache = g;
         } else {
             if add < have {
                 g.pad_left(have - add)?;
+                for m in gmask.iter_mut() {
+                    m.splice(0..0, std::iter::repeat_n(0u32, have - add));
+                }
             } else if add > have {
                 self.cache.pad_left(add - have)?;
                 for m in self.mask.iter_mut() {
@@ -369,7 +438,7 @@ impl DecodeBatch {
             }
             self.cache.append_rows(&g)?;
         }
-        self.mask.extend(std::iter::repeat_n(row, copies));
+        self.mask.extend(gmask);
         Ok(())
     }
 
@@ -446,6 +515,14 @@ impl DecodeBatch {
         }
         Ok(())
     }
+}
+
+/// Prompts prefilled together by [`DecodeBatch::prefill_many`].
+pub struct Prefilled {
+    /// Next-token logits of each prompt (f32, `[vocab]`).
+    pub logits: Vec<Vec<f32>>,
+    cache: KvCache,
+    mask: Vec<Vec<u32>>,
 }
 
 fn group_device(c: &KvCache) -> Result<&candle_core::Device, ModelError> {

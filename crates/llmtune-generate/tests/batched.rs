@@ -94,7 +94,7 @@ fn qwen2_batched_greedy() {
 }
 
 /// Continuous batching: sequences of different prompt lengths join a running [`DecodeBatch`]
-/// at different steps and leave after different numbers of tokens; every sequence's greedy
+/// at different steps (those joining together prefilled as one left-padded batch) and leave after different numbers of tokens; every sequence's greedy
 /// tokens equal `generate` on it alone and its logits stay within 1e-4 of decoding it alone.
 fn continuous(arch: &str) {
     use llmtune_generate::DecodeBatch;
@@ -166,17 +166,23 @@ fn continuous(arch: &str) {
     let mut worst = 0f32;
     let mut step = 0;
     while step < 64 {
-        for (s, (p, at, n)) in plan.iter().enumerate() {
-            if *at == step {
-                let (l, c) = DecodeBatch::prefill(&model, p).unwrap();
+        // Sequences joining at this step are prefilled together (left-padded).
+        let joining: Vec<usize> = (0..plan.len()).filter(|&s| plan[s].1 == step).collect();
+        if !joining.is_empty() {
+            let prompts: Vec<&[u32]> = joining.iter().map(|&s| plan[s].0.as_slice()).collect();
+            let pre = DecodeBatch::prefill_many(&model, &prompts).unwrap();
+            let mut join = vec![];
+            for (i, &s) in joining.iter().enumerate() {
+                let l = pre.logits[i].clone();
                 let t = argmax(&l);
                 got[s].0.push(t);
                 got[s].1.push(l);
-                if got[s].0.len() < *n {
-                    b.join(&c, 1).unwrap();
+                if got[s].0.len() < plan[s].2 {
+                    join.push(i);
                     rows.push((s, t));
                 }
             }
+            b.join_rows(&pre, &join).unwrap();
         }
         if !rows.is_empty() {
             let inputs: Vec<u32> = rows.iter().map(|r| r.1).collect();

@@ -9,8 +9,9 @@
 //!   bad requests, 401 for a missing or wrong `--api_key` bearer token, 404 for unknown routes
 //!   and models.
 //!
-//! Continuous batching: one scheduler thread owns the model. A new request is prefilled alone
-//! and joins the running batch at the next step boundary (its `n` choices share the prefill);
+//! Continuous batching: one scheduler thread owns the model. New requests are prefilled
+//! together (one left-padded forward for those that arrived since the last step) and join the
+//! running batch at the step boundary (the `n` choices of a request share its prefill);
 //! every step decodes all running sequences together in one batched forward over one KV
 //! cache (rows left-padded to a common length and masked, see
 //! [`llmtune_generate::DecodeBatch`]); finished sequences leave at once and free their rows.
@@ -432,6 +433,9 @@ impl Running {
     }
 }
 
+/// Most padded prompt tokens prefilled in one forward.
+const PREFILL_TOKENS: usize = 4096;
+
 /// One row of the running batch: which request and choice it decodes and the token to feed
 /// at the next step.
 struct Row {
@@ -462,9 +466,12 @@ fn scheduler(e: Arc<Engine>, jobs: std::sync::mpsc::Receiver<Job>, max_batch: us
         while let Ok(j) = jobs.try_recv() {
             queue.push_back(j);
         }
-        // Admit queued requests: prefill alone, sample each choice's first token, join.
+        // Admit queued requests (FIFO while they fit): prefill them together, sample each
+        // choice's first token, join the running rows.
+        let mut admit: Vec<Job> = Vec::new();
+        let mut admitted_rows = rows.len();
         while let Some(j) = queue.front() {
-            if !rows.is_empty() && rows.len() + j.n > max_batch {
+            if admitted_rows > 0 && admitted_rows + j.n > max_batch {
                 break;
             }
             let job = queue.pop_front().expect("front");
@@ -472,41 +479,76 @@ fn scheduler(e: Arc<Engine>, jobs: std::sync::mpsc::Receiver<Job>, max_batch: us
                 e.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let (logits, cache) = match DecodeBatch::prefill(model, &job.prompt) {
+            admitted_rows += job.n;
+            admit.push(job);
+        }
+        // Prefill groups of at most PREFILL_TOKENS padded tokens (memory of the attention
+        // scores); a longer prompt goes alone.
+        while !admit.is_empty() {
+            let mut take = 1;
+            let mut longest = admit[0].prompt.len();
+            while take < admit.len() {
+                let l = longest.max(admit[take].prompt.len());
+                if l * (take + 1) > PREFILL_TOKENS {
+                    break;
+                }
+                longest = l;
+                take += 1;
+            }
+            let group: Vec<Job> = admit.drain(..take).collect();
+            let prompts: Vec<&[u32]> = group.iter().map(|j| j.prompt.as_slice()).collect();
+            let pre = match DecodeBatch::prefill_many(model, &prompts) {
                 Ok(x) => x,
                 Err(x) => {
-                    let _ = job.tx.send(Ev::Error(x.to_string()));
+                    for j in &group {
+                        let _ = j.tx.send(Ev::Error(x.to_string()));
+                    }
                     continue;
                 }
             };
-            let mut r = Running::new(job);
-            let mut joined = Vec::new();
-            for c in 0..r.job.n {
-                match r.advance(tok, c, &mut logits.clone()) {
-                    Ok(Some(t)) => joined.push((c, t)),
-                    Ok(None) => {}
-                    Err(()) => {
-                        e.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                        joined.clear();
-                        break;
+            let mut join_idx = Vec::new();
+            let mut new_rows = Vec::new();
+            let mut new_reqs = Vec::new();
+            for (i, job) in group.into_iter().enumerate() {
+                let mut r = Running::new(job);
+                let mut joined = Vec::new();
+                for c in 0..r.job.n {
+                    match r.advance(tok, c, &mut pre.logits[i].clone()) {
+                        Ok(Some(t)) => joined.push((c, t)),
+                        Ok(None) => {}
+                        Err(()) => {
+                            e.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                            joined.clear();
+                            break;
+                        }
+                    }
+                }
+                if joined.is_empty() {
+                    continue;
+                }
+                let id = next_id;
+                next_id += 1;
+                for (choice, next) in joined {
+                    join_idx.push(i);
+                    new_rows.push(Row {
+                        req: id,
+                        choice,
+                        next,
+                    });
+                }
+                new_reqs.push((id, r));
+            }
+            match batch.join_rows(&pre, &join_idx) {
+                Ok(()) => {
+                    rows.extend(new_rows);
+                    reqs.extend(new_reqs);
+                }
+                Err(x) => {
+                    for (_, r) in new_reqs {
+                        let _ = r.job.tx.send(Ev::Error(x.to_string()));
                     }
                 }
             }
-            if joined.is_empty() {
-                continue;
-            }
-            if let Err(x) = batch.join(&cache, joined.len()) {
-                let _ = r.job.tx.send(Ev::Error(x.to_string()));
-                continue;
-            }
-            let id = next_id;
-            next_id += 1;
-            rows.extend(joined.into_iter().map(|(choice, next)| Row {
-                req: id,
-                choice,
-                next,
-            }));
-            reqs.insert(id, r);
         }
         if rows.is_empty() {
             e.stats.running.store(0, Ordering::Relaxed);
