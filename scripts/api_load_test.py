@@ -7,7 +7,8 @@ the same kind of load against each: C concurrent clients (asyncio + httpx), each
 chat completions in turn with a short max_tokens, streamed or not; every 4th client drops
 its stream after a few chunks on every other request (the server must cancel those and keep
 serving). It counts errors (any non-200, a stream without finish_reason / usage / [DONE], a
-malformed body), samples the server's RSS every 0.25 s, and reports completions/s and
+malformed body), samples the server's RSS every 0.25 s (`--passes N` repeats the batched load on
+the same server to show RSS levels off), and reports completions/s and
 completion tokens/s for both runs and their ratio.
 
     LLMTUNE_HOME=/tmp/llmtune-home /work/venv-openai/bin/python scripts/api_load_test.py
@@ -134,6 +135,13 @@ async def run_load(srv, clients, requests, max_tokens):
     return tally, wall, rss, stats
 
 
+def rss_deciles(rss):
+    """Mean RSS (MiB) over each tenth of the run."""
+    mib = [k / 1024 for _, k in rss]
+    n = len(mib)
+    return [round(statistics.mean(mib[int(i * n / 10) : max(int((i + 1) * n / 10), int(i * n / 10) + 1)]), 1) for i in range(10)]
+
+
 def rss_summary(rss):
     mib = [k / 1024 for _, k in rss]
     n = len(mib)
@@ -162,6 +170,7 @@ def report(name, clients, requests, tally, wall, rss, stats):
     print(f"   {cps:.2f} completions/s, {tps:.1f} completion tokens/s (completed requests), latency p50 {p50:.2f} s p95 {p95:.2f} s")
     print(f"   server stats: {stats}")
     print(f"   server RSS: {rss_summary(rss)}")
+    print(f"   server RSS by tenths of the run (MiB): {rss_deciles(rss)}")
     return cps, tps
 
 
@@ -174,21 +183,32 @@ def main():
                     help="requests per client in the --max_batch 1 run (default: --requests)")
     ap.add_argument("--max_tokens", type=int, default=16)
     ap.add_argument("--max_batch", type=int, default=32)
+    ap.add_argument("--passes", type=int, default=1,
+                    help="run the batched load this many times on the same server (RSS must not keep growing)")
+    ap.add_argument("--skip_serial", action="store_true", help="only the batched run")
     a = ap.parse_args()
     serial_requests = a.serial_requests or a.requests
 
     results = {}
-    for name, mb, reqs in (("batched", a.max_batch, a.requests), ("serialised", 1, serial_requests)):
+    runs = [("batched", a.max_batch, a.requests, a.passes)]
+    if not a.skip_serial:
+        runs.append(("serialised", 1, serial_requests, 1))
+    errors = 0
+    for name, mb, reqs, passes in runs:
         with Server(["--model_name_or_path", a.model_name_or_path, "--max_batch", str(mb)]) as srv:
             print(f"server {srv.bin} --max_batch {mb} at {srv.base}, RSS at start {srv.rss_kib() / 1024:.1f} MiB")
             # Warm up (page in the weights) before measuring.
             asyncio.run(run_load(srv, 2, 1, a.max_tokens))
-            tally, wall, rss, stats = asyncio.run(run_load(srv, a.clients, reqs, a.max_tokens))
-            cps, tps = report(f"{name} (--max_batch {mb})", a.clients, reqs, tally, wall, rss, stats)
-            results[name] = (cps, tps, len(tally.errors), rss_summary(rss))
-    b, s = results["batched"], results["serialised"]
-    print(f"\nbatched / serialised: {b[0] / s[0]:.2f}x completions/s, {b[1] / s[1]:.2f}x tokens/s")
-    errors = b[2] + s[2]
+            for k in range(passes):
+                tally, wall, rss, stats = asyncio.run(run_load(srv, a.clients, reqs, a.max_tokens))
+                label = f"{name} (--max_batch {mb})" + (f", pass {k + 1}/{passes}" if passes > 1 else "")
+                cps, tps = report(label, a.clients, reqs, tally, wall, rss, stats)
+                errors += len(tally.errors)
+                print(f"   server RSS after the pass: {srv.rss_kib() / 1024:.1f} MiB")
+            results[name] = (cps, tps)
+    if "serialised" in results:
+        b, s = results["batched"], results["serialised"]
+        print(f"\nbatched / serialised: {b[0] / s[0]:.2f}x completions/s, {b[1] / s[1]:.2f}x tokens/s")
     print(f"errors: {errors}")
     sys.exit(1 if errors else 0)
 
