@@ -284,7 +284,7 @@ fn concurrent_requests_batch_and_match_serial() {
     let (_, before) = http(&a, "GET", "/stats", key, "");
     let before = json(&before);
     // All at once (three times over), with clients that drop their stream mid-way.
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3 * reqs.len() + 4));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3 * reqs.len() + 6));
     let mut handles = Vec::new();
     for round in 0..3 {
         for (i, r) in reqs.iter().enumerate() {
@@ -314,6 +314,23 @@ fn concurrent_requests_batch_and_match_serial() {
             let _ = s.read(&mut buf);
         }));
     }
+    // Non-streamed clients that hang up before their (long) reply is ready.
+    for _ in 0..2 {
+        let (a, b) = (a.clone(), barrier.clone());
+        droppers.push(std::thread::spawn(move || {
+            b.wait();
+            let mut s = TcpStream::connect(&a).unwrap();
+            let long =
+                r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":3000,"temperature":1.0,"top_p":1.0}"#;
+            write!(
+                s,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+                long.len()
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }));
+    }
     for h in handles {
         let (round, i, st, body) = h.join().unwrap();
         assert_eq!(st, 200, "{body}");
@@ -337,17 +354,17 @@ fn concurrent_requests_batch_and_match_serial() {
     let steps = after["steps"].as_u64().unwrap() - before["steps"].as_u64().unwrap();
     let tokens = after["tokens"].as_u64().unwrap() - before["tokens"].as_u64().unwrap();
     assert!(steps < tokens, "steps {steps} tokens {tokens}");
-    // The dropped streams were cancelled, and nothing stays running.
+    // The dropped streams and hung-up requests were cancelled, and nothing stays running.
     let mut idle = after.clone();
     for _ in 0..100 {
-        if idle["running"] == 0 && idle["cancelled"].as_u64().unwrap() >= 4 {
+        if idle["running"] == 0 && idle["cancelled"].as_u64().unwrap() >= 6 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
         idle = json(&http(&a, "GET", "/stats", key, "").1);
     }
     assert_eq!(idle["running"], 0, "{idle}");
-    assert!(idle["cancelled"].as_u64().unwrap() >= 4, "{idle}");
+    assert!(idle["cancelled"].as_u64().unwrap() >= 6, "{idle}");
 }
 
 #[test]
