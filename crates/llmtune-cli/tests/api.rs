@@ -153,6 +153,34 @@ fn openai_chat_completions() {
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));
 
+    // max_tokens beyond the context (512 positions) ends at the context.
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        key,
+        r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":100000,"temperature":1.0,"top_p":1.0,"stop":[]}"#,
+    );
+    assert_eq!(st, 200, "{body}");
+    let u = &json(&body)["usage"];
+    assert!(u["total_tokens"].as_u64().unwrap() <= 512, "{body}");
+    let long_q = "word ".repeat(600);
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        key,
+        &serde_json::json!({"messages":[{"role":"user","content": long_q}]}).to_string(),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        json(&body)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context"),
+        "{body}"
+    );
+
     // Errors in OpenAI's shape.
     let (st, body) = http(a, "POST", "/v1/chat/completions", None, req);
     assert_eq!(st, 401);
@@ -328,7 +356,7 @@ fn concurrent_requests_batch_and_match_serial() {
                 long.len()
             )
             .unwrap();
-            std::thread::sleep(Duration::from_millis(150));
+            std::thread::sleep(Duration::from_millis(30));
         }));
     }
     for h in handles {

@@ -720,7 +720,19 @@ async fn chat(
     cfg.temperature = temperature;
     cfg.top_p = top_p;
     cfg.do_sample = temperature > 0.0;
-    cfg.max_new_tokens = max_tokens;
+    // The reply ends at the model's context ("length"), as the positions run out.
+    let context = e.p.model.cfg.max_position_embeddings;
+    if context > 0 && prompt_tokens >= context {
+        return Err(ApiError::bad(
+            format!("the prompt has {prompt_tokens} tokens; the model's context is {context}"),
+            Some("messages"),
+        ));
+    }
+    cfg.max_new_tokens = if context > 0 {
+        max_tokens.min(context - prompt_tokens)
+    } else {
+        max_tokens
+    };
     if let Some(s) = req.seed {
         cfg.seed = s;
     }
