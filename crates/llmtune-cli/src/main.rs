@@ -27,8 +27,8 @@ enum Command {
     Chat(cmd::chat::ChatArgs),
     /// OpenAI-compatible API server.
     Api(cmd::api::ApiArgs),
-    /// Browser chat served at `/`.
-    Web(cmd::stub::StubArgs),
+    /// Browser chat at `/` on top of the OpenAI-compatible API server.
+    Web(cmd::api::ApiArgs),
     /// Merge adapters and export the model (HF layout or GGUF).
     Export(cmd::export::ExportArgs),
     /// Inspect datasets as the model will see them.
@@ -60,8 +60,8 @@ fn main() -> ExitCode {
         Command::Train(a) => cmd::train::run(*a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Chat(a) => cmd::chat::run(a),
-        Command::Api(a) => cmd::api::run(a),
-        Command::Web(_) => cmd::stub::not_yet("web"),
+        Command::Api(a) => cmd::api::run(a, false),
+        Command::Web(a) => cmd::api::run(a, true),
         Command::Export(a) => cmd::export::run(a),
         Command::Data(a) => cmd::data::run(a),
         Command::EvalPreds(a) => cmd::eval_preds::run(a),

@@ -1,5 +1,6 @@
 //! `llmtune api` on the tiny fixture model: models list, completions (plain and streamed),
-//! usage, OpenAI-style errors, bearer auth, a client dropping its stream.
+//! usage, OpenAI-style errors, bearer auth, a client dropping its stream; continuous batching
+//! (concurrent requests decode together and give what they give alone); the `web` page.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -30,8 +31,12 @@ impl Drop for Server {
 }
 
 fn start(fx: &std::path::Path) -> Server {
+    start_with(fx, "api", &[])
+}
+
+fn start_with(fx: &std::path::Path, cmd: &str, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(["api", "--model_name_or_path"])
+        .args([cmd, "--model_name_or_path"])
         .arg(fx.join("llama"))
         .args([
             "--template",
@@ -44,6 +49,7 @@ fn start(fx: &std::path::Path) -> Server {
             "tiny",
         ])
         .args(["--max_new_tokens", "8"])
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -147,6 +153,34 @@ fn openai_chat_completions() {
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));
 
+    // max_tokens beyond the context (512 positions) ends at the context.
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        key,
+        r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":100000,"temperature":1.0,"top_p":1.0,"stop":[]}"#,
+    );
+    assert_eq!(st, 200, "{body}");
+    let u = &json(&body)["usage"];
+    assert!(u["total_tokens"].as_u64().unwrap() <= 512, "{body}");
+    let long_q = "word ".repeat(600);
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        key,
+        &serde_json::json!({"messages":[{"role":"user","content": long_q}]}).to_string(),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        json(&body)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context"),
+        "{body}"
+    );
+
     // Errors in OpenAI's shape.
     let (st, body) = http(a, "POST", "/v1/chat/completions", None, req);
     assert_eq!(st, 401);
@@ -197,4 +231,190 @@ fn openai_chat_completions() {
     }
     let (st, body) = http(a, "GET", "/v1/models", key, "");
     assert_eq!(st, 200, "{body}");
+}
+
+/// The streamed text of an SSE body (content deltas of choice 0) and its finish reason.
+fn sse_text(body: &str) -> (String, String) {
+    let mut text = String::new();
+    let mut finish = String::new();
+    for e in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if e == "[DONE]" {
+            continue;
+        }
+        let c = json(e);
+        if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = c["choices"][0]["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, finish)
+}
+
+#[test]
+fn concurrent_requests_batch_and_match_serial() {
+    let Some(fx) = fixtures() else { return };
+    let srv = start_with(&fx, "api", &["--max_batch", "16"]);
+    let a = srv.addr.clone();
+    let key = Some("sk-test");
+    // Different prompt lengths, lengths of reply, stop strings, streamed or not, n = 2.
+    let words = [
+        "Hello",
+        "What is the capital of France?",
+        "a b c d e f g h i j k",
+        "x",
+    ];
+    let reqs: Vec<String> = (0..10)
+        .map(|i| {
+            let q = words[i % words.len()].repeat(1 + i / 4);
+            let mut r = serde_json::json!({
+                "messages": [{"role": "user", "content": q}],
+                "temperature": 0, "max_tokens": 12 + 5 * (i % 3),
+            });
+            if i % 3 == 1 {
+                r["stream"] = true.into();
+            }
+            if i == 4 {
+                r["n"] = 2.into();
+            }
+            if i == 7 {
+                r["stop"] = "e".into();
+            }
+            r.to_string()
+        })
+        .collect();
+    let answer = |body: &str, streamed: bool| -> (String, String) {
+        if streamed {
+            sse_text(body)
+        } else {
+            let v = json(body);
+            let c = &v["choices"];
+            if c.as_array().unwrap().len() == 2 {
+                assert_eq!(c[0]["message"]["content"], c[1]["message"]["content"]);
+            }
+            (
+                c[0]["message"]["content"].as_str().unwrap().to_string(),
+                c[0]["finish_reason"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    // One at a time.
+    let serial: Vec<(String, String)> = reqs
+        .iter()
+        .map(|r| {
+            let (st, body) = http(&a, "POST", "/v1/chat/completions", key, r);
+            assert_eq!(st, 200, "{body}");
+            answer(&body, r.contains("\"stream\""))
+        })
+        .collect();
+    assert!(serial.iter().any(|(t, _)| !t.is_empty()));
+    let (_, before) = http(&a, "GET", "/stats", key, "");
+    let before = json(&before);
+    // All at once (three times over), with clients that drop their stream mid-way.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3 * reqs.len() + 6));
+    let mut handles = Vec::new();
+    for round in 0..3 {
+        for (i, r) in reqs.iter().enumerate() {
+            let (a, r, b) = (a.clone(), r.clone(), barrier.clone());
+            handles.push(std::thread::spawn(move || {
+                b.wait();
+                let (st, body) = http(&a, "POST", "/v1/chat/completions", Some("sk-test"), &r);
+                (round, i, st, body)
+            }));
+        }
+    }
+    let mut droppers = Vec::new();
+    for _ in 0..4 {
+        let (a, b) = (a.clone(), barrier.clone());
+        droppers.push(std::thread::spawn(move || {
+            b.wait();
+            let mut s = TcpStream::connect(&a).unwrap();
+            let long =
+                r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":400,"stream":true,"temperature":1.0,"top_p":1.0}"#;
+            write!(
+                s,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+                long.len()
+            )
+            .unwrap();
+            let mut buf = [0u8; 600];
+            let _ = s.read(&mut buf);
+        }));
+    }
+    // Non-streamed clients that hang up before their (long) reply is ready.
+    for _ in 0..2 {
+        let (a, b) = (a.clone(), barrier.clone());
+        droppers.push(std::thread::spawn(move || {
+            b.wait();
+            let mut s = TcpStream::connect(&a).unwrap();
+            let long =
+                r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":3000,"temperature":1.0,"top_p":1.0}"#;
+            write!(
+                s,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+                long.len()
+            )
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }));
+    }
+    for h in handles {
+        let (round, i, st, body) = h.join().unwrap();
+        assert_eq!(st, 200, "{body}");
+        let got = answer(&body, reqs[i].contains("\"stream\""));
+        assert_eq!(
+            got, serial[i],
+            "request {i} (round {round}): concurrent vs alone"
+        );
+    }
+    for d in droppers {
+        d.join().unwrap();
+    }
+    let (_, after) = http(&a, "GET", "/stats", key, "");
+    let after = json(&after);
+    assert!(
+        after["peak_batch"].as_u64().unwrap() > 1,
+        "requests were decoded together: {before} -> {after}"
+    );
+    assert!(after["peak_batch"].as_u64().unwrap() <= 16, "{after}");
+    // Batched steps: fewer steps than tokens.
+    let steps = after["steps"].as_u64().unwrap() - before["steps"].as_u64().unwrap();
+    let tokens = after["tokens"].as_u64().unwrap() - before["tokens"].as_u64().unwrap();
+    assert!(steps < tokens, "steps {steps} tokens {tokens}");
+    // The dropped streams and hung-up requests were cancelled, and nothing stays running.
+    let mut idle = after.clone();
+    for _ in 0..100 {
+        if idle["running"] == 0 && idle["cancelled"].as_u64().unwrap() >= 6 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        idle = json(&http(&a, "GET", "/stats", key, "").1);
+    }
+    assert_eq!(idle["running"], 0, "{idle}");
+    assert!(idle["cancelled"].as_u64().unwrap() >= 6, "{idle}");
+}
+
+#[test]
+fn web_serves_the_chat_page() {
+    let Some(fx) = fixtures() else { return };
+    let srv = start_with(&fx, "web", &[]);
+    let (st, body) = http(&srv.addr, "GET", "/", None, "");
+    assert_eq!(st, 200);
+    for needle in [
+        "<title>llmtune chat</title>",
+        "/v1/chat/completions",
+        "id=\"max_new_tokens\"",
+        "id=\"top_p\"",
+        "id=\"temperature\"",
+        "Clear history",
+    ] {
+        assert!(body.contains(needle), "page lacks {needle}");
+    }
+    // The API is there too; `api` alone has no page.
+    let (st, _) = http(&srv.addr, "GET", "/v1/models", Some("sk-test"), "");
+    assert_eq!(st, 200);
+    let api = start(&fx);
+    let (st, _) = http(&api.addr, "GET", "/", None, "");
+    assert_eq!(st, 404);
 }

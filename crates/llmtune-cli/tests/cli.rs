@@ -107,10 +107,13 @@ fn bad_flag_values_name_the_flag() {
 }
 
 #[test]
-fn unimplemented_subcommands_exit_2() {
-    let (code, _, err) = run(bin().args(["web"]));
+fn web_and_api_flags_are_checked() {
+    let (code, _, err) = run(bin().args(["web", "--port", "http"]));
     assert_eq!(code, 2);
-    assert!(err.contains("not yet implemented"), "{err}");
+    assert!(err.contains("--port"), "{err}");
+    let (code, _, err) = run(bin().args(["api", "--max_batch", "0"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("--max_batch"), "{err}");
 }
 
 #[test]

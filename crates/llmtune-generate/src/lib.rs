@@ -8,7 +8,7 @@
 //! top-k and top-p, then sampling from the softmax (or argmax when `do_sample` is false).
 
 use candle_core::{DType, Tensor};
-use llmtune_models::{CausalLm, ModelError};
+use llmtune_models::{CausalLm, KvCache, ModelError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -297,6 +297,245 @@ pub fn generate_cancellable(
         input = Tensor::from_vec(next, (active.len(), 1), &device)?;
     }
     Ok(out)
+}
+
+/// A running decode batch that sequences join and leave between steps: continuous batching
+/// for the API server.
+///
+/// One batched KV cache holds every row, left-padded to a common length: a sequence is
+/// prefilled alone ([`DecodeBatch::prefill`]), then [`DecodeBatch::join`] pads either its
+/// cache or the batch's on the left so their lengths match and appends its rows; padding is
+/// masked out (attention mask 0, positions counted from each row's first real token), so a
+/// row decodes exactly what it would alone. [`DecodeBatch::retain`] drops finished rows and
+/// trims padding columns no remaining row needs. The caller keeps its per-row bookkeeping
+/// in a vector in the same row order (joins append at the end).
+pub struct DecodeBatch {
+    cache: llmtune_models::KvCache,
+    /// `[rows][cache positions]`, 1 = a real token.
+    mask: Vec<Vec<u32>>,
+}
+
+impl DecodeBatch {
+    pub fn new(model: &CausalLm) -> Self {
+        Self {
+            cache: model.new_cache(),
+            mask: Vec::new(),
+        }
+    }
+
+    /// Number of rows decoding.
+    pub fn len(&self) -> usize {
+        self.mask.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mask.is_empty()
+    }
+
+    /// Cache positions per row (real tokens plus left padding).
+    pub fn positions(&self) -> usize {
+        self.mask.first().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Runs `prompt` alone: returns the logits of its last position (f32, `[vocab]`) and its
+    /// one-row cache, to hand to [`DecodeBatch::join`] after sampling the first token.
+    pub fn prefill(model: &CausalLm, prompt: &[u32]) -> Result<(Vec<f32>, KvCache), ModelError> {
+        let mut p = Self::prefill_many(model, &[prompt])?;
+        Ok((p.logits.remove(0), p.cache))
+    }
+
+    /// Runs several prompts as one left-padded batch (one forward instead of one per prompt):
+    /// the last-position logits of each and their cache, to hand to
+    /// [`DecodeBatch::join_rows`].
+    pub fn prefill_many(model: &CausalLm, prompts: &[&[u32]]) -> Result<Prefilled, ModelError> {
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(ModelError::Input(format!("prompt {i} is empty")));
+        }
+        if prompts.is_empty() {
+            return Err(ModelError::Input("no prompts to prefill".into()));
+        }
+        let k = prompts.len();
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(k * len);
+        let mut mask = Vec::with_capacity(k);
+        for p in prompts {
+            let pad = len - p.len();
+            ids.extend(std::iter::repeat_n(0u32, pad));
+            ids.extend_from_slice(p);
+            let mut m = vec![0u32; pad];
+            m.extend(std::iter::repeat_n(1u32, p.len()));
+            mask.push(m);
+        }
+        let device = model.device();
+        let mut cache = model.new_cache();
+        let input = Tensor::from_vec(ids, (k, len), device)?;
+        let mask_t = if mask.iter().all(|m| m[0] == 1) {
+            None
+        } else {
+            Some(Tensor::from_vec(
+                mask.iter().flatten().copied().collect::<Vec<u32>>(),
+                (k, len),
+                device,
+            )?)
+        };
+        let logits = model.forward_last(&input, mask_t.as_ref(), Some(&mut cache))?;
+        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(Prefilled {
+            logits,
+            cache,
+            mask,
+        })
+    }
+
+    /// Appends `copies` rows that continue the one-row prefilled cache `group` (the `n`
+    /// choices of a request share one prefill).
+    pub fn join(&mut self, group: &KvCache, copies: usize) -> Result<(), ModelError> {
+        let p = Prefilled {
+            logits: vec![],
+            cache: group.clone(),
+            mask: vec![vec![1u32; group.len()]],
+        };
+        self.join_rows(&p, &vec![0; copies])
+    }
+
+    /// Appends rows continuing the prefilled prompts `rows` (indices into `p`'s prompts; an
+    /// index may repeat: the `n` choices of a request share one prefill).
+    pub fn join_rows(&mut self, p: &Prefilled, rows: &[usize]) -> Result<(), ModelError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if let Some(r) = rows.iter().find(|&&r| r >= p.mask.len()) {
+            return Err(ModelError::Input(format!(
+                "join_rows: row {r} of {} prefilled",
+                p.mask.len()
+            )));
+        }
+        let mut g = p.cache.clone();
+        let mut gmask: Vec<Vec<u32>> = rows.iter().map(|&r| p.mask[r].clone()).collect();
+        if rows.len() != p.mask.len() || rows.iter().enumerate().any(|(i, &r)| i != r) {
+            let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), group_device(&g)?)?;
+            g.select_rows(&idx)?;
+        }
+        // Padding no joining row needs.
+        let lead = gmask
+            .iter()
+            .map(|m| m.iter().take_while(|&&x| x == 0).count())
+            .min()
+            .unwrap_or(0);
+        if lead > 0 {
+            g.trim_left(lead)?;
+            for m in gmask.iter_mut() {
+                m.drain(..lead);
+            }
+        }
+        let (have, add) = (self.positions(), g.len());
+        if self.is_empty() {
+            self.cache = g;
+        } else {
+            if add < have {
+                g.pad_left(have - add)?;
+                for m in gmask.iter_mut() {
+                    m.splice(0..0, std::iter::repeat_n(0u32, have - add));
+                }
+            } else if add > have {
+                self.cache.pad_left(add - have)?;
+                for m in self.mask.iter_mut() {
+                    m.splice(0..0, std::iter::repeat_n(0u32, add - have));
+                }
+            }
+            self.cache.append_rows(&g)?;
+        }
+        self.mask.extend(gmask);
+        Ok(())
+    }
+
+    /// One decode step: feeds `inputs[row]` (each row's last chosen token) and returns the
+    /// next-token logits per row (f32).
+    pub fn step(&mut self, model: &CausalLm, inputs: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if inputs.len() != self.len() {
+            return Err(ModelError::Input(format!(
+                "step: {} inputs for {} rows",
+                inputs.len(),
+                self.len()
+            )));
+        }
+        if inputs.is_empty() {
+            return Ok(vec![]);
+        }
+        for m in self.mask.iter_mut() {
+            m.push(1);
+        }
+        let device = model.device();
+        let mask = Tensor::from_vec(
+            self.mask.iter().flatten().copied().collect::<Vec<u32>>(),
+            (self.len(), self.positions()),
+            device,
+        )?;
+        let input = Tensor::from_slice(inputs, (inputs.len(), 1), device)?;
+        let logits = model.forward_last(&input, Some(&mask), Some(&mut self.cache));
+        if logits.is_err() {
+            for m in self.mask.iter_mut() {
+                m.pop();
+            }
+        }
+        Ok(logits?.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    /// Keeps the rows whose `keep` flag is set (in order) and drops the left padding that no
+    /// kept row needs any more.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<(), ModelError> {
+        if keep.len() != self.len() {
+            return Err(ModelError::Input(format!(
+                "retain: {} flags for {} rows",
+                keep.len(),
+                self.len()
+            )));
+        }
+        let rows: Vec<u32> = (0..keep.len() as u32)
+            .filter(|&j| keep[j as usize])
+            .collect();
+        if rows.is_empty() {
+            self.cache.clear();
+            self.mask.clear();
+            return Ok(());
+        }
+        if rows.len() != keep.len() {
+            let idx = Tensor::new(rows.as_slice(), group_device(&self.cache)?)?;
+            self.cache.select_rows(&idx)?;
+            let mut j = 0;
+            self.mask.retain(|_| {
+                j += 1;
+                keep[j - 1]
+            });
+        }
+        let pad = self
+            .mask
+            .iter()
+            .map(|m| m.iter().take_while(|&&x| x == 0).count())
+            .min()
+            .unwrap_or(0);
+        if pad > 0 {
+            self.cache.trim_left(pad)?;
+            for m in self.mask.iter_mut() {
+                m.drain(..pad);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Prompts prefilled together by [`DecodeBatch::prefill_many`].
+pub struct Prefilled {
+    /// Next-token logits of each prompt (f32, `[vocab]`).
+    pub logits: Vec<Vec<f32>>,
+    cache: KvCache,
+    mask: Vec<Vec<u32>>,
+}
+
+fn group_device(c: &KvCache) -> Result<&candle_core::Device, ModelError> {
+    c.device()
+        .ok_or_else(|| ModelError::Input("the cache holds no rows".into()))
 }
 
 #[cfg(test)]

@@ -100,6 +100,16 @@ impl CausalLm {
         }
     }
 
+    /// The longest sequence the model was configured for (`max_position_embeddings`;
+    /// ChatGLM-6B `max_sequence_length`, ChatGLM2/3 `seq_length`).
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Self::Llama(m) => m.cfg.max_position_embeddings,
+            Self::ChatGlm(m) => m.cfg.max_sequence_length,
+            Self::ChatGlm2(m) => m.cfg.seq_length,
+        }
+    }
+
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
         match self {

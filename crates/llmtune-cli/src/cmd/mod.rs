@@ -5,5 +5,4 @@ pub mod data;
 pub mod eval_preds;
 pub mod export;
 pub mod generate;
-pub mod stub;
 pub mod train;
