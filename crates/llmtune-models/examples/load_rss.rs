@@ -23,7 +23,9 @@ fn peak_rss_mb() -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().ok_or("usage: load_rss DIR [bf16|f16|f32] [PROMPT]")?;
+    let dir = args
+        .next()
+        .ok_or("usage: load_rss DIR [bf16|f16|f32] [PROMPT]")?;
     let dtype = match args.next().as_deref().unwrap_or("bf16") {
         "bf16" => DType::BF16,
         "f16" => DType::F16,
