@@ -140,26 +140,41 @@ pub(crate) fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path
     })
 }
 
+/// `cfg` read from `path`, once `validate` accepts it; its message names the file.
+pub(crate) fn checked_config<T>(
+    path: &std::path::Path,
+    cfg: T,
+    validate: fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    validate(&cfg).map_err(|msg| ModelError::Config {
+        path: path.to_path_buf(),
+        msg,
+    })?;
+    Ok(cfg)
+}
+
+/// The config parsed from the text of a `config.json`, once `validate` accepts it.
+pub(crate) fn checked_config_str<T: serde::de::DeserializeOwned>(
+    text: &str,
+    validate: fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let path = std::path::Path::new("config.json");
+    let cfg: T = serde_json::from_str(text).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    checked_config(path, cfg, validate)
+}
+
 impl ChatGlmConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let cfg: Self = read_config(path)?;
-        cfg.validate().map_err(|msg| ModelError::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
-        Ok(cfg)
+        checked_config(path, read_config(path)?, Self::validate)
     }
 
     /// Parses the text of a `config.json` and checks it.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let err = |msg: String| ModelError::Config {
-            path: "config.json".into(),
-            msg,
-        };
-        let cfg: Self = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
-        cfg.validate().map_err(err)?;
-        Ok(cfg)
+        checked_config_str(text, Self::validate)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {

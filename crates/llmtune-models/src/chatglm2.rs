@@ -19,7 +19,9 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use serde::Deserialize;
 
-use crate::chatglm::{additive_mask, cos_sin, read_config, HiddenStates};
+use crate::chatglm::{
+    additive_mask, checked_config, checked_config_str, cos_sin, read_config, HiddenStates,
+};
 use crate::kv_cache::KvCache;
 use crate::llama::{Linear, RmsNorm};
 use crate::loader::WeightSource;
@@ -128,23 +130,12 @@ fn d_groups() -> usize {
 impl ChatGlm2Config {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let cfg: Self = read_config(path)?;
-        cfg.validate().map_err(|msg| ModelError::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
-        Ok(cfg)
+        checked_config(path, read_config(path)?, Self::validate)
     }
 
     /// Parses the text of a `config.json` and checks it.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let err = |msg: String| ModelError::Config {
-            path: "config.json".into(),
-            msg,
-        };
-        let cfg: Self = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
-        cfg.validate().map_err(err)?;
-        Ok(cfg)
+        checked_config_str(text, Self::validate)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
