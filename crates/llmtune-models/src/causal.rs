@@ -197,6 +197,16 @@ impl CausalLm {
         }
     }
 
+    /// The LM head's weight `[vocab, hidden]` when the head is a plain bias-free linear with no
+    /// adapter (so that head and loss can be fused: `llmtune_ops::linear_cross_entropy_sum`).
+    pub fn plain_lm_head(&self) -> Option<&Tensor> {
+        match self {
+            Self::Llama(m) => m.plain_lm_head(),
+            Self::ChatGlm(m) => m.plain_lm_head(),
+            Self::ChatGlm2(m) => m.plain_lm_head(),
+        }
+    }
+
     /// Logits `[.., vocab]` from final hidden states `[.., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match self {

@@ -957,6 +957,11 @@ impl ChatGlm {
         self.run(input_ids, &ctx, cache, true)
     }
 
+    /// The LM head's weight when it is a plain linear (see [`Linear::plain_weight`]).
+    pub fn plain_lm_head(&self) -> Option<&Tensor> {
+        self.lm_head.plain_weight()
+    }
+
     /// Logits `[.., vocab]` from final hidden states `[.., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?)

@@ -597,6 +597,11 @@ impl ChatGlm2 {
         self.run(input_ids, attention_mask, position_ids, cache, true)
     }
 
+    /// The output layer's weight when it is a plain linear (see [`Linear::plain_weight`]).
+    pub fn plain_lm_head(&self) -> Option<&Tensor> {
+        self.output_layer.plain_weight()
+    }
+
     /// Logits `[.., vocab]` from final hidden states `[.., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.output_layer.forward(hidden)?)

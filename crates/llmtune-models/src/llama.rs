@@ -163,6 +163,11 @@ impl Linear {
     pub fn in_features(&self) -> usize {
         self.weight.dim(1).unwrap_or(0)
     }
+
+    /// The weight when this layer is `x @ w^T` and nothing else (no bias, no adapter).
+    pub fn plain_weight(&self) -> Option<&Tensor> {
+        (self.bias.is_none() && self.adapter.is_none()).then_some(&self.weight)
+    }
 }
 
 impl Module for Linear {
@@ -548,6 +553,15 @@ impl Llama {
             .to_dtype(DType::U32)?
             .to_device(&self.device)?
             .flatten_all()?)
+    }
+
+    /// The LM head's weight `[vocab, hidden]` (the tied embeddings or `lm_head.weight`) when
+    /// the head is a plain bias-free linear without an adapter, for fused head + loss ops.
+    pub fn plain_lm_head(&self) -> Option<&Tensor> {
+        match &self.lm_head {
+            None => Some(&self.embed_tokens),
+            Some(h) => h.plain_weight(),
+        }
     }
 
     /// Logits `[.., vocab]` from final hidden states `[.., hidden]`.

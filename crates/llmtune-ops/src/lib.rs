@@ -31,6 +31,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 mod cpu;
+mod head_xent;
 mod linear;
 mod norm;
 pub mod reference;
@@ -230,6 +231,42 @@ pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, us
     let op = xent::LogSoftmaxPick::new(labels, vocab, xent::Pick::CrossEntropySum)?;
     let sum = last_dim_contiguous(logits)?.apply_op1(op)?;
     Ok((sum, count))
+}
+
+/// [`cross_entropy_sum`] of `linear(h, w)`: `h [n, hidden]`, a head weight `w [vocab,
+/// hidden]`, `labels [n]` (negative = ignored). Returns `(sum over kept rows, kept rows)`.
+///
+/// With a frozen `w` the logits never enter the graph: rows with an ignored label are
+/// skipped, the others are processed in chunks whose logits are freed at once, and the input
+/// gradient is computed in the forward (see `head_xent.rs`). Same value and gradient as the
+/// unfused composition, which a tracked `w` (full fine-tuning of the head) still takes.
+pub fn linear_cross_entropy_sum(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+) -> Result<(Tensor, usize)> {
+    linear_cross_entropy_sum_chunked(h, w, labels, None)
+}
+
+/// [`linear_cross_entropy_sum`] with `chunk` rows per chunk (default: about 32 MB of f32
+/// logits); for tests of the chunking.
+#[doc(hidden)]
+pub fn linear_cross_entropy_sum_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    chunk: Option<usize>,
+) -> Result<(Tensor, usize)> {
+    if w.track_op() {
+        let logits = linear(h, w, None)?;
+        let logits = if logits.dtype() == DType::F64 {
+            logits
+        } else {
+            logits.to_dtype(DType::F32)?
+        };
+        return cross_entropy_sum(&logits, labels);
+    }
+    head_xent::linear_cross_entropy_sum(h, w, &targets_i64(labels)?, chunk)
 }
 
 /// Log-probability of `targets [b, t]` under `logits [b, t, vocab]` (for PPO/DPO), as f32

@@ -472,6 +472,96 @@ fn cross_entropy_value_gradient_and_ignored_rows() -> Result<()> {
 }
 
 #[test]
+fn linear_cross_entropy_matches_unfused_head_and_finite_differences() -> Result<()> {
+    // 9 rows (3 ignored), hidden 5, vocab 13; chunks of 2 rows, of 4, and one chunk.
+    let labels = Tensor::new(&[3i64, -100, 0, 12, -100, 7, 7, -100, 1], &test_device())?;
+    let inputs = vec![rand_t(&[9, 5], 61, 1.5), rand_t(&[13, 5], 62, 1.0)];
+    for chunk in [Some(2), Some(4), None] {
+        let fast = |t: &[Tensor]| {
+            let (s, n) = ops::linear_cross_entropy_sum_chunked(&t[0], &t[1], &labels, chunk)?;
+            assert_eq!(n, 6);
+            Ok(s)
+        };
+        let refr = |t: &[Tensor]| {
+            let logits = reference::linear(&t[0], &t[1], None)?;
+            Ok(reference::cross_entropy_sum(&logits, &labels)?.0)
+        };
+        let name = format!("linear_cross_entropy chunk {chunk:?}");
+        // frozen head: the fused path
+        compare(&name, &inputs, &[true, false], &fast, &refr, TOL_REF)?;
+        grad_check(&name, &inputs, &[true, false], &fast, TOL_FD)?;
+        // tracked head: the unfused fallback, still with both gradients
+        compare(&name, &inputs, &[true, true], &fast, &refr, TOL_REF)?;
+    }
+    // strided hidden states (a narrowed sequence, as the causal shift makes)
+    let wide = rand_t(&[9, 8], 63, 1.5);
+    let fast = |t: &[Tensor]| {
+        Ok(
+            ops::linear_cross_entropy_sum_chunked(&t[0].narrow(1, 1, 5)?, &t[1], &labels, Some(3))?
+                .0,
+        )
+    };
+    let refr = |t: &[Tensor]| {
+        let logits = reference::linear(&t[0].narrow(1, 1, 5)?.contiguous()?, &t[1], None)?;
+        Ok(reference::cross_entropy_sum(&logits, &labels)?.0)
+    };
+    compare(
+        "linear_cross_entropy strided",
+        &[wide, inputs[1].clone()],
+        &[true, false],
+        &fast,
+        &refr,
+        TOL_REF,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn linear_cross_entropy_ignored_rows_and_errors() -> Result<()> {
+    let dev = test_device();
+    let h = Var::from_tensor(&rand_t(&[3, 4], 71, 1.0).to_dtype(DType::F32)?)?;
+    let w = rand_t(&[6, 4], 72, 1.0).to_dtype(DType::F32)?;
+    // all ignored: zero loss, zero count, zero gradient
+    let none = Tensor::new(&[-100i64, -1, -100], &dev)?;
+    let (sum, n) = ops::linear_cross_entropy_sum(h.as_tensor(), &w, &none)?;
+    assert_eq!((n, sum.to_scalar::<f32>()?), (0, 0.0));
+    let g = sum
+        .backward()?
+        .get(h.as_tensor())
+        .map(common::flat)
+        .unwrap_or_default();
+    assert!(g.iter().all(|&v| v == 0.0));
+    // an ignored row gets exactly zero gradient, a kept one does not
+    let one = Tensor::new(&[-100i64, 2, -100], &dev)?;
+    let (sum, _) = ops::linear_cross_entropy_sum(h.as_tensor(), &w, &one)?;
+    let g = sum
+        .backward()?
+        .get(h.as_tensor())
+        .expect("grad")
+        .to_vec2::<f32>()?;
+    assert_eq!((g[0].clone(), g[2].clone()), (vec![0f32; 4], vec![0f32; 4]));
+    assert!(g[1].iter().any(|&v| v != 0.0));
+    // a label outside the vocabulary, and a row count mismatch, are errors naming them
+    let bad = Tensor::new(&[1i64, 6, 0], &dev)?;
+    let err = ops::linear_cross_entropy_sum(h.as_tensor(), &w, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("target 6 at position 1 is out of range for a vocabulary of 6"),
+        "{err}"
+    );
+    let short = Tensor::new(&[1i64, 2], &dev)?;
+    let err = ops::linear_cross_entropy_sum(h.as_tensor(), &w, &short)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("3 rows of hidden states but 2 labels"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
 fn gather_logprobs_matches_reference_and_finite_differences() -> Result<()> {
     let targets = Tensor::new(&[[3u32, 0, 10], [7, 7, 1]], &test_device())?;
     let inputs = vec![rand_t(&[2, 3, 11], 61, 3.0)];

@@ -8,7 +8,7 @@ use llmtune_models::loader::RandomSource;
 use llmtune_models::{CausalLm, Llama, LlamaConfig};
 use llmtune_train::checkpointing::checkpointed_grads;
 use llmtune_train::optim::Gradients;
-use llmtune_train::stages::sft::causal_lm_loss;
+use llmtune_train::stages::sft::{causal_lm_loss, causal_lm_loss_from_hidden};
 
 #[path = "../../../test-support/device.rs"]
 mod device;
@@ -112,14 +112,36 @@ fn check_model(mut model: CausalLm, ids_v: Vec<u32>, (b, t): (usize, usize), dro
         after_plain,
         "the dropout stream ends where a plain pass leaves it"
     );
+    same(&plain, &plain_grads, &ck, &ck_grads, vars.len());
+
+    // The fused head + loss (no logits in the graph) on a plain pass: same loss and grads.
+    assert!(
+        model.plain_lm_head().is_some(),
+        "LoRA `all` leaves the head plain, so the fused path is the one tested"
+    );
+    lora.set_dropout_state(state.0, state.1);
+    let hidden = model.forward_hidden(&ids, Some(&mask), None).unwrap();
+    let fused = causal_lm_loss_from_hidden(&model, &hidden, &labels, b, t).unwrap();
+    let fused_grads = Gradients::from_grad_store(&fused.backward().unwrap(), &vars).unwrap();
+    same(&plain, &plain_grads, &fused, &fused_grads, vars.len());
+}
+
+/// Same loss within 1e-6 relative, every gradient within 1e-5 relative L2.
+fn same(
+    plain: &Tensor,
+    plain_grads: &Gradients,
+    other: &Tensor,
+    other_grads: &Gradients,
+    n: usize,
+) {
     let (l1, l2) = (
         plain.to_scalar::<f32>().unwrap(),
-        ck.to_scalar::<f32>().unwrap(),
+        other.to_scalar::<f32>().unwrap(),
     );
     assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "loss {l1} vs {l2}");
-    assert_eq!(ck_grads.len(), vars.len());
+    assert_eq!(other_grads.len(), n);
     for (name, g) in plain_grads.iter() {
-        let h = ck_grads.get(name).unwrap();
+        let h = other_grads.get(name).unwrap();
         let a = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let c = h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();

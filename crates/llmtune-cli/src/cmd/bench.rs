@@ -238,12 +238,8 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         dev.synchronize()?;
         let t = Instant::now();
         let lm_loss = |hidden: &Tensor| -> llmtune_train::Result<Tensor> {
-            let logits = model.logits(hidden).map_err(llmtune_train::error::other)?;
-            llmtune_train::stages::sft::causal_lm_loss(
-                &logits.to_dtype(DType::F32)?,
-                &labels,
-                a.batch,
-                a.seq,
+            llmtune_train::stages::sft::causal_lm_loss_from_hidden(
+                &model, hidden, &labels, a.batch, a.seq,
             )
         };
         let (loss, grads) = if a.gradient_checkpointing {

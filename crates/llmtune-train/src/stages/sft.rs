@@ -50,19 +50,48 @@ impl SftTask<'_> {
     }
 }
 
+/// `labels[:, 1:]` of a `[rows, len]` batch, flattened: the next-token targets.
+fn shifted_labels(labels: &[i64], rows: usize, len: usize, device: &Device) -> Result<Tensor> {
+    let mut shifted = Vec::with_capacity(rows * (len - 1));
+    for r in 0..rows {
+        shifted.extend_from_slice(&labels[r * len + 1..(r + 1) * len]);
+    }
+    let n = shifted.len();
+    Ok(Tensor::from_vec(shifted, n, device)?)
+}
+
 /// Mean next-token cross-entropy over label tokens (`logits[:, :-1]` vs `labels[:, 1:]`).
 pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], rows: usize, len: usize) -> Result<Tensor> {
     let v = logits.dim(2)?;
     let l = logits
         .narrow(1, 0, len - 1)?
         .reshape((rows * (len - 1), v))?;
-    let mut shifted = Vec::with_capacity(rows * (len - 1));
-    for r in 0..rows {
-        shifted.extend_from_slice(&labels[r * len + 1..(r + 1) * len]);
-    }
-    let n = shifted.len();
-    let labels_t = Tensor::from_vec(shifted, n, logits.device())?;
+    let labels_t = shifted_labels(labels, rows, len, logits.device())?;
     let (sum, count) = llmtune_ops::cross_entropy_sum(&l, &labels_t)?;
+    Ok((sum / count.max(1) as f64)?)
+}
+
+/// [`causal_lm_loss`] from the final hidden states `[rows, len, hidden]`. When the LM head is a
+/// plain linear (no adapter on it), head and loss are fused
+/// ([`llmtune_ops::linear_cross_entropy_sum`]): no `[tokens, vocab]` logits stay in the graph
+/// and none are computed for ignored (prompt) tokens. Same value and gradients.
+pub fn causal_lm_loss_from_hidden(
+    model: &CausalLm,
+    hidden: &Tensor,
+    labels: &[i64],
+    rows: usize,
+    len: usize,
+) -> Result<Tensor> {
+    let Some(w) = model.plain_lm_head() else {
+        let logits = model.logits(hidden).map_err(other)?.to_dtype(DType::F32)?;
+        return causal_lm_loss(&logits, labels, rows, len);
+    };
+    let d = hidden.dim(2)?;
+    let h = hidden
+        .narrow(1, 0, len - 1)?
+        .reshape((rows * (len - 1), d))?;
+    let labels_t = shifted_labels(labels, rows, len, hidden.device())?;
+    let (sum, count) = llmtune_ops::linear_cross_entropy_sum(&h, w, &labels_t)?;
     Ok((sum / count.max(1) as f64)?)
 }
 
@@ -87,8 +116,7 @@ impl Task for SftTask<'_> {
             Trained::Params(_) => None,
         };
         let (loss, grads) = checkpointed_grads(model, &ids, Some(&mask), lora, vars, |h| {
-            let logits = model.logits(h).map_err(other)?.to_dtype(DType::F32)?;
-            Ok((causal_lm_loss(&logits, labels, b.rows, b.seq_len)? * scale)?)
+            Ok((causal_lm_loss_from_hidden(model, h, labels, b.rows, b.seq_len)? * scale)?)
         })?;
         let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / scale;
         let tokens = b.attention_mask.iter().map(|&m| m as u64).sum();
@@ -97,12 +125,15 @@ impl Task for SftTask<'_> {
 
     fn loss(&mut self, batch: &[usize], eval: bool) -> Result<(Tensor, u64)> {
         let (ids, mask, b) = self.batch(batch, eval)?;
-        let (logits, _) = self.model.forward(&ids, Some(&mask), None).map_err(other)?;
+        let hidden = self
+            .model
+            .forward_hidden(&ids, Some(&mask), None)
+            .map_err(other)?;
         let labels = b
             .labels
             .as_ref()
             .ok_or_else(|| other("SFT batch without labels"))?;
-        let loss = causal_lm_loss(&logits.to_dtype(DType::F32)?, labels, b.rows, b.seq_len)?;
+        let loss = causal_lm_loss_from_hidden(self.model, &hidden, labels, b.rows, b.seq_len)?;
         let tokens = b.attention_mask.iter().map(|&m| m as u64).sum();
         Ok((loss, tokens))
     }
