@@ -19,10 +19,10 @@
 # Sets up what it lacks (PyPI and Debian only; nothing of it lands in the repo):
 #   * REF_VENV (default <repo>/.venv-ref, git-ignored): a venv with torch, transformers, peft;
 #   * LLAMA_BENCH (default $BENCH_CACHE/llama.cpp-<ver>/build/bin/llama-bench, with
-#     BENCH_CACHE=~/.cache/llmtune-bench): `pip download --no-binary llama-cpp-python
-#     llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION` (default 0.3.36, which vendors llama.cpp
-#     0c1e57098), then cmake (Release, CPU, -DGGML_NATIVE=ON) of vendor/llama.cpp, target
-#     llama-bench only; cmake comes from apt or, failing that, from PyPI into REF_VENV;
+#     BENCH_CACHE=~/.cache/llmtune-bench): built by scripts/build_llamacpp.sh (`pip download
+#     --no-binary llama-cpp-python llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION`, default 0.3.36,
+#     which vendors llama.cpp 0c1e57098, then cmake Release, CPU, -DGGML_NATIVE=ON of
+#     vendor/llama.cpp; cmake comes from apt or, failing that, from PyPI into REF_VENV);
 #   * LLMTUNE_BIN (default <repo>/target/release/llmtune): `cargo build --release -p llmtune-cli`
 #     (with `--features cuda` for --device cuda) when missing;
 #   * the GGUF (default $LLMTUNE_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf, LLMTUNE_HOME default
@@ -79,44 +79,11 @@ ensure_venv() {
   "$REF_VENV/bin/pip" install --quiet torch transformers peft safetensors numpy
 }
 
-ensure_cmake() {
-  if command -v cmake >/dev/null; then CMAKE=cmake; return; fi
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    log "installing cmake with apt-get"
-    apt-get update -qq && apt-get install -y -qq cmake >/dev/null && { CMAKE=cmake; return; }
-  fi
-  ensure_venv
-  log "installing cmake from PyPI into $REF_VENV"
-  "$REF_VENV/bin/pip" install --quiet cmake
-  CMAKE="$REF_VENV/bin/cmake"
-}
-
 ensure_llama_bench() {
   if [[ -x "$LLAMA_BENCH" ]]; then return; fi
-  local dl="$BENCH_CACHE/dl"
-  mkdir -p "$dl"
-  if [[ ! -f "$LLAMA_SRC/CMakeLists.txt" ]]; then
-    log "fetching the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist from PyPI"
-    # --no-binary for this package only: the build requirements (cmake, ninja) stay wheels.
-    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
-      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$dl"
-    rm -rf "$dl/src" && mkdir -p "$dl/src"
-    tar xzf "$dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$dl/src"
-    rm -rf "$LLAMA_SRC"
-    mv "$dl/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp" "$LLAMA_SRC"
-    # The sdist has no .git: keep the vendored commit from its changelog for the build info.
-    grep -m1 -o 'llama.cpp@[0-9a-f]*' "$dl/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/CHANGELOG.md" \
-      | cut -d@ -f2 > "$LLAMA_SRC/VENDORED_COMMIT" || true
-    rm -rf "$dl/src"
-  fi
-  ensure_cmake
-  local commit
-  commit="$(cat "$LLAMA_SRC/VENDORED_COMMIT" 2>/dev/null || echo unknown)"
-  log "building llama-bench (llama.cpp $commit; a few minutes on 2 cores)"
-  "$CMAKE" -S "$LLAMA_SRC" -B "$LLAMA_SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_COMMIT="$commit" -DLLAMA_BUILD_NUMBER=0 >/dev/null
-  "$CMAKE" --build "$LLAMA_SRC/build" -j"$(nproc)" --target llama-bench >/dev/null
+  # Fetch + build are shared with scripts/llamacpp_check.sh.
+  BENCH_CACHE="$BENCH_CACHE" LLAMA_CPP_PYTHON_VERSION="$LLAMA_CPP_PYTHON_VERSION" \
+    REF_VENV="$REF_VENV" "$REPO/scripts/build_llamacpp.sh" llama-bench >/dev/null
 }
 
 ensure_llmtune() {

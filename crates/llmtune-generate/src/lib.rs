@@ -96,8 +96,13 @@ impl Sampler {
     }
 
     /// Chooses the next token from `logits` (one row, f32), given the tokens seen so far
-    /// (prompt + generated; used by the repetition penalty).
+    /// (prompt + generated; used by the repetition penalty). Only ids below
+    /// `cfg.vocab_size` (when set) can be chosen.
     pub fn pick(&mut self, logits: &mut [f32], seen: &[u32], cfg: &GenerationConfig) -> u32 {
+        let logits = match cfg.vocab_size {
+            Some(v) if v.max(1) < logits.len() => &mut logits[..v.max(1)],
+            _ => logits,
+        };
         if cfg.repetition_penalty != 1.0 {
             let p = cfg.repetition_penalty as f32;
             let mut done = std::collections::HashSet::new();
@@ -628,6 +633,41 @@ mod tests {
         for (h, p) in hits.iter().zip([1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0]) {
             assert!((*h as f64 / 6000.0 - p).abs() < 0.02, "{hits:?}");
         }
+    }
+
+    #[test]
+    fn pick_never_returns_ids_past_vocab_size() {
+        // ChatGLM2/3: 65024 logits, 64794 tokens; here 3 tokens, 5 logits, the padded ones
+        // largest. Greedy, top-k/top-p and full-softmax sampling all stay below 3.
+        let l = [0.0f32, 1.0, 0.5, 9.0, 8.0];
+        for c in [
+            GenerationConfig {
+                do_sample: false,
+                vocab_size: Some(3),
+                ..cfg()
+            },
+            GenerationConfig {
+                top_k: 2,
+                top_p: 0.9,
+                vocab_size: Some(3),
+                ..cfg()
+            },
+            GenerationConfig {
+                vocab_size: Some(3),
+                ..cfg()
+            },
+        ] {
+            let mut s = Sampler::new(1);
+            for _ in 0..200 {
+                assert!(s.pick(&mut l.clone(), &[], &c) < 3, "{c:?}");
+            }
+        }
+        // Without the cap the padded logit wins.
+        let c = GenerationConfig {
+            do_sample: false,
+            ..cfg()
+        };
+        assert_eq!(Sampler::new(1).pick(&mut l.clone(), &[], &c), 3);
     }
 
     #[test]

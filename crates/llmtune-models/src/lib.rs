@@ -6,6 +6,7 @@
 //! * [`chatglm2`]: ChatGLM2-6B and ChatGLM3-6B (multi-query attention, RMSNorm).
 //! * [`loader`]: safetensors (single/sharded), PyTorch `.bin` (single/sharded), in-memory.
 //! * [`gguf`]: GGUF files (dequantized to f32, tokenizer from metadata).
+//! * [`gguf_write`]: writing a Llama-family model as an F16/Q8_0 GGUF for llama.cpp.
 //! * [`hub`]: built-in aliases such as `smollm2-135m` and their local cache.
 //! * [`kv_cache`]: the cache for incremental decoding.
 //!
@@ -21,6 +22,7 @@ pub mod chatglm;
 pub mod chatglm2;
 pub mod config;
 pub mod gguf;
+pub mod gguf_write;
 pub mod hub;
 pub mod kv_cache;
 pub mod llama;

@@ -136,3 +136,130 @@ pub fn tokenizer_from_gguf(v: &GgufVocab, source: PathBuf) -> Result<Tokenizer, 
     }
     Ok(Tokenizer::from_parts(tk, specials, source))
 }
+
+/// The `tokenizer.ggml.pre` name that llama.cpp knows for a `tokenizers` pipeline, recognized
+/// from its serialized `pre_tokenizer` (the converter hashes a test string's encoding instead,
+/// which only matches the published vocabularies): `smollm` (single digits + byte-level with
+/// the GPT-2 regex), `qwen2` / `llama-bpe` (their split regex + byte-level without regex),
+/// `gpt-2` (byte-level with the GPT-2 regex alone). `None` for anything else.
+pub fn pre_tokenizer_name(tokenizer_json: &serde_json::Value) -> Option<&'static str> {
+    let pre = tokenizer_json.get("pre_tokenizer")?;
+    let parts: Vec<&serde_json::Value> = match pre.get("type")?.as_str()? {
+        "Sequence" => pre.get("pretokenizers")?.as_array()?.iter().collect(),
+        _ => vec![pre],
+    };
+    let ty = |v: &serde_json::Value| v.get("type").and_then(|t| t.as_str()).map(str::to_owned);
+    let byte_level = |v: &serde_json::Value, regex: bool| {
+        ty(v).as_deref() == Some("ByteLevel")
+            && v.get("use_regex").and_then(|b| b.as_bool()).unwrap_or(true) == regex
+    };
+    match parts.as_slice() {
+        [b] if byte_level(b, true) => Some("gpt-2"),
+        [d, b]
+            if ty(d).as_deref() == Some("Digits")
+                && d.get("individual_digits").and_then(|x| x.as_bool()) == Some(true)
+                && byte_level(b, true) =>
+        {
+            Some("smollm")
+        }
+        [s, b] if ty(s).as_deref() == Some("Split") && byte_level(b, false) => {
+            match s.pointer("/pattern/Regex").and_then(|r| r.as_str())? {
+                QWEN2_REGEX => Some("qwen2"),
+                LLAMA3_REGEX => Some("llama-bpe"),
+                GPT2_REGEX => Some("gpt-2"),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The `tokenizer.ggml.*` fields of a byte-level BPE `tokenizers` pipeline, as llama.cpp's
+/// `convert_hf_to_gguf.py` writes them (`_set_vocab_gpt2`): ids `0..vocab_size` in order
+/// (`[PAD{i}]` with type 5 for ids the tokenizer lacks), added special tokens as control (3),
+/// other added tokens as user-defined (4), the rest normal (1); merges as `"a b"`.
+/// `vocab_size` is the model's (its embedding rows), at least the tokenizer's.
+pub fn vocab_for_gguf(tok: &Tokenizer, vocab_size: usize) -> Result<GgufVocab, TokenizerError> {
+    let invalid = |msg: String| TokenizerError::Invalid {
+        path: tok.source().to_path_buf(),
+        msg,
+    };
+    let hf = tok.hf().ok_or_else(|| {
+        invalid("a ChatGLM SentencePiece tokenizer cannot be written as a GGUF vocabulary".into())
+    })?;
+    let json: serde_json::Value = serde_json::from_str(
+        &hf.to_string(false)
+            .map_err(|e| TokenizerError::Run(e.to_string()))?,
+    )
+    .map_err(|e| TokenizerError::Run(e.to_string()))?;
+    let model = json.get("model").cloned().unwrap_or_default();
+    if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
+        return Err(invalid(format!(
+            "GGUF export supports byte-level BPE tokenizers (tokenizer.ggml.model gpt2); this \
+             tokenizer's model is {}",
+            model.get("type").unwrap_or(&serde_json::Value::Null)
+        )));
+    }
+    let pre = pre_tokenizer_name(&json).ok_or_else(|| {
+        invalid(format!(
+            "GGUF export: pre-tokenizer {} is not one llama.cpp knows by name here (smollm, \
+             qwen2, llama-bpe, gpt-2)",
+            json.get("pre_tokenizer")
+                .unwrap_or(&serde_json::Value::Null)
+        ))
+    })?;
+    let vocab = hf.get_vocab(true);
+    let n = vocab_size.max(vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0));
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    for (t, &i) in &vocab {
+        tokens[i as usize] = Some(t.clone());
+    }
+    let added = hf.get_added_tokens_decoder();
+    let mut token_types = Vec::with_capacity(n);
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let ty = match (&t, added.get(&(i as u32))) {
+                (None, _) => 5,
+                (Some(_), Some(a)) if a.special => 3,
+                (Some(_), Some(_)) => 4,
+                (Some(_), None) => 1,
+            };
+            token_types.push(ty);
+            t.unwrap_or_else(|| format!("[PAD{i}]"))
+        })
+        .collect();
+    let merges = model
+        .get("merges")
+        .and_then(|m| m.as_array())
+        .map(|a| {
+            a.iter()
+                .enumerate()
+                .map(|(i, m)| match m {
+                    serde_json::Value::String(s) => Ok(s.clone()),
+                    serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
+                        "{} {}",
+                        p[0].as_str().unwrap_or_default(),
+                        p[1].as_str().unwrap_or_default()
+                    )),
+                    other => Err(invalid(format!(
+                        "model.merges[{i}] = {other} is not a pair"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(GgufVocab {
+        model: "gpt2".into(),
+        pre: pre.into(),
+        tokens,
+        token_types,
+        merges,
+        bos: tok.bos_id(),
+        eos: tok.eos_id(),
+        pad: tok.pad_id(),
+        extra_stop: vec![],
+    })
+}

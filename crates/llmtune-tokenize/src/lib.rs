@@ -403,9 +403,19 @@ fn cleanup_safe_end(text: &str) -> usize {
 /// back bytes of an unfinished UTF-8 sequence. With a tokenizer whose decode cleans up
 /// spaces (ChatGLM-6B: `" ,"` → `","`), a last space that clean-up may still remove is held
 /// back with what follows it; [`StreamDecoder::finish`] returns what is still held.
+///
+/// Each push decodes only a short window of the latest tokens (linear in the reply, not
+/// quadratic): once everything decoded so far has gone out, the window restarts one chunk
+/// back (the chunk gives the next tokens their context, e.g. SentencePiece's leading-space
+/// handling), and the text of that chunk counts as already emitted.
 #[derive(Debug, Default, Clone)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
+    /// The window decoded on each push: `ids[ctx..]`.
+    ctx: usize,
+    /// Tokens from here on have text not yet (fully) emitted; `ids[ctx..start]` is context.
+    start: usize,
+    /// Bytes of the window's text already emitted.
     emitted: usize,
 }
 
@@ -414,10 +424,16 @@ impl StreamDecoder {
         Self::default()
     }
 
+    /// How many tokens the next push re-decodes besides the new one (for tests and
+    /// diagnostics; stays small while text flows out).
+    pub fn window_len(&self) -> usize {
+        self.ids.len() - self.ctx
+    }
+
     /// Pushes one token id and returns the text that became final with it (maybe empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true)?;
+        let text = tok.decode(&self.ids[self.ctx..], true)?;
         if text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
@@ -426,13 +442,24 @@ impl StreamDecoder {
         } else {
             text.len()
         };
-        Ok(self.emit(&text, end))
+        let out = self.emit(&text, end);
+        if end == text.len() {
+            // All out: restart the window at the tokens just emitted, if decoding them on
+            // their own gives the end of this window's text (else keep the longer window).
+            let chunk = tok.decode(&self.ids[self.start..], true)?;
+            if text.ends_with(&chunk) {
+                self.ctx = self.start;
+                self.start = self.ids.len();
+                self.emitted = chunk.len();
+            }
+        }
+        Ok(out)
     }
 
     /// The text still held back after the last token (trailing spaces, or an unfinished
     /// UTF-8 sequence as U+FFFD), so that all pushes plus `finish` equal the full decode.
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
-        let text = tok.decode(&self.ids, true)?;
+        let text = tok.decode(&self.ids[self.ctx..], true)?;
         Ok(self.emit(&text, text.len()))
     }
 

@@ -112,3 +112,61 @@ fn a_corrupt_file_is_named_in_the_error() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The streaming decoder's pushes equal those of decoding the whole reply on every push
+/// (what it did before it became incremental), and each push re-decodes only a few tokens.
+#[test]
+fn streaming_is_incremental_and_equals_full_redecoding() {
+    use llmtune_tokenize::StreamDecoder;
+    let Some(dir) = fixtures() else { return };
+    let dir = dir.join("tokenizer");
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_cases.json")).unwrap())
+            .unwrap();
+    // Every case's ids one after the other (a long reply), and each case alone; a text with
+    // multi-byte characters split over tokens.
+    let mut all: Vec<Vec<u32>> = vec![];
+    for c in cases["cases"].as_array().unwrap() {
+        all.push(
+            c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect(),
+        );
+    }
+    all.push(all.concat());
+    all.push(
+        tok.encode("emoji 🚀🦙 and 中文字符, ünïcödé — done.", false)
+            .unwrap(),
+    );
+    for ids in &all {
+        let mut dec = StreamDecoder::new();
+        // The former algorithm: decode everything, emit what is new unless it ends in U+FFFD.
+        let mut emitted = 0usize;
+        let mut max_window = 0;
+        for (i, &id) in ids.iter().enumerate() {
+            let got = dec.push(&tok, id).unwrap();
+            let full = tok.decode(&ids[..=i], true).unwrap();
+            let want = if full.ends_with('\u{FFFD}') {
+                String::new()
+            } else {
+                let w = full[emitted..].to_string();
+                emitted = full.len();
+                w
+            };
+            assert_eq!(got, want, "push {i} of {ids:?}");
+            max_window = max_window.max(dec.window_len());
+        }
+        let rest = dec.finish(&tok).unwrap();
+        let full = tok.decode(ids, true).unwrap();
+        assert_eq!(rest, full[emitted.min(full.len())..], "finish");
+        assert!(
+            max_window <= 8,
+            "window grew to {max_window} tokens of {}",
+            ids.len()
+        );
+    }
+}

@@ -717,6 +717,9 @@ async fn chat(
         })?;
     let prompt_tokens = enc.input_ids.len();
     let mut cfg = e.defaults.config(rt.stop_ids());
+    // ChatGLM2/3's output layer is padded past the vocabulary (65024 logits, 64794 tokens):
+    // sample only real tokens, as predict/chat/generate do.
+    cfg.vocab_size = e.p.model.is_chatglm().then(|| e.p.tokenizer.vocab_size());
     cfg.temperature = temperature;
     cfg.top_p = top_p;
     cfg.do_sample = temperature > 0.0;

@@ -11,6 +11,11 @@
 //! updated), remote code (`*.py`) and tokenizer files (`ice_text.model`/`tokenizer.model`,
 //! `tokenizer_config.json`) are copied.
 //!
+//! With `--export_gguf f16` and/or `q8_0` (comma-separated), the Llama-family model is also
+//! written as `model-f16.gguf` / `model-q8_0.gguf` beside the HF files, in the layout of
+//! llama.cpp's `convert_hf_to_gguf.py` with the tokenizer and chat template in its metadata
+//! (see `llmtune_models::gguf_write`); ChatGLM models cannot be written as GGUF.
+//!
 //! Every file is written atomically (temporary file, then rename).
 
 use std::path::{Path, PathBuf};
@@ -44,6 +49,28 @@ pub struct ExportArgs {
     /// Weight dtype on disk: float32, bfloat16 or float16.
     #[arg(long, default_value = "float32")]
     pub export_dtype: String,
+    /// Also write a GGUF for llama.cpp: `f16`, `q8_0`, or both comma-separated, as
+    /// `<output_dir>/model-<type>.gguf` (tokenizer and chat template in its metadata;
+    /// Llama-family models with a byte-level BPE tokenizer only).
+    #[arg(long, value_name = "TYPES")]
+    pub export_gguf: Option<String>,
+}
+
+/// Parses `--export_gguf` (`f16`, `q8_0`, or both comma-separated).
+pub fn parse_gguf_types(s: &str) -> anyhow::Result<Vec<llmtune_models::gguf_write::GgufType>> {
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let t = llmtune_models::gguf_write::GgufType::parse(part)
+            .map_err(|e| anyhow::anyhow!("--export_gguf: {e}"))?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    anyhow::ensure!(
+        !out.is_empty(),
+        "--export_gguf: expected f16, q8_0 or f16,q8_0"
+    );
+    Ok(out)
 }
 
 /// Parses `2GB`, `500MB`, `10GiB`, `1000` (bytes).
@@ -94,6 +121,23 @@ pub fn plan_shards(sizes: &[(String, u64)], max: u64) -> Vec<Vec<usize>> {
     shards
 }
 
+const CHATGLM_GGUF: &str = "--export_gguf: ChatGLM models cannot be written as GGUF (llama.cpp's \
+     chatglm architecture needs fused QKV tensors and a SentencePiece vocabulary this exporter \
+     does not produce); export without --export_gguf for the HF layout";
+
+/// Whether `--model_name_or_path` is a folder whose `config.json` says ChatGLM (checked before
+/// loading, so that `--export_gguf` fails fast).
+fn source_is_chatglm(model: &Option<String>) -> bool {
+    let name = crate::args::model_or_default(model);
+    let Ok((path, _)) = llmtune_models::hub::resolve(&name) else {
+        return false;
+    };
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|c| llmtune_models::chatglm_version(&c).is_some())
+}
+
 pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let dtype = match a.export_dtype.as_str() {
         "float32" | "f32" | "fp32" => (DType::F32, "float32"),
@@ -102,7 +146,19 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
         other => anyhow::bail!("--export_dtype {other}: expected float32, bfloat16 or float16"),
     };
     let max_shard = parse_size(&a.max_shard_size)?;
+    let gguf_types = a
+        .export_gguf
+        .as_deref()
+        .map(parse_gguf_types)
+        .transpose()?
+        .unwrap_or_default();
+    if !gguf_types.is_empty() && source_is_chatglm(&a.model_name_or_path) {
+        anyhow::bail!("{CHATGLM_GGUF}");
+    }
     let (mut p, name) = load_merged(&a.model_name_or_path, &a.checkpoint_dir)?;
+    if !gguf_types.is_empty() && p.model.is_chatglm() {
+        anyhow::bail!("{CHATGLM_GGUF}");
+    }
     // Llama-family models get a config.json and tokenizer.json written from what was loaded;
     // ChatGLM keeps the files of its folder (config.json with `auto_map`, the remote code,
     // the SentencePiece model).
@@ -223,6 +279,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
         }
     }
     write_json(&out.join("tokenizer_config.json"), &tc)?;
+    if !gguf_types.is_empty() {
+        write_ggufs(&mut p, &cfg, &name, out, &gguf_types)?;
+    }
     eprintln!(
         "exported {name} ({} tensors, {:.1} MB, {} shard(s), {}) to {}",
         tensors.len(),
@@ -232,6 +291,45 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
         out.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `model-<type>.gguf` for each type (weights in f32 before conversion).
+fn write_ggufs(
+    p: &mut llmtune_models::Pretrained,
+    cfg: &llmtune_models::LlamaConfig,
+    name: &str,
+    out: &Path,
+    types: &[llmtune_models::gguf_write::GgufType],
+) -> anyhow::Result<()> {
+    use llmtune_models::gguf_write::{chat_template_of, write_gguf, GgufExport};
+    let chat_template = chat_template_of(&p.info.path)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (n, t) in p.model.params_mut() {
+        tensors.push((n, t.detach().to_dtype(DType::F32)?));
+    }
+    let general_name = Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| name.to_string());
+    for &ty in types {
+        let path = out.join(format!("model-{}.gguf", ty.name()));
+        let e = GgufExport {
+            name: &general_name,
+            config: cfg,
+            tokenizer: &p.tokenizer,
+            chat_template: chat_template.as_deref(),
+            ty,
+        };
+        write_gguf(&path, &tensors, &e).with_context(|| format!("writing {}", path.display()))?;
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "wrote {} ({:.1} MB, {})",
+            path.display(),
+            size as f64 / 1e6,
+            ty.name()
+        );
+    }
+    Ok(())
 }
 
 /// The ChatGLM files of the source folder `src`: `config.json` (with `torch_dtype` set to
@@ -280,6 +378,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--max_shard_size"));
+    }
+
+    #[test]
+    fn gguf_types_parse() {
+        use llmtune_models::gguf_write::GgufType;
+        assert_eq!(
+            parse_gguf_types("f16, q8_0,f16").unwrap(),
+            vec![GgufType::F16, GgufType::Q8_0]
+        );
+        let e = parse_gguf_types("q4_0").unwrap_err().to_string();
+        assert!(
+            e.contains("--export_gguf") && e.contains("f16 or q8_0"),
+            "{e}"
+        );
+        assert!(parse_gguf_types(",").is_err());
     }
 
     #[test]
