@@ -301,14 +301,16 @@ pub fn is_main() -> bool {
 pub fn abort_if_distributed(msg: &str, code: i32) {
     let w = world();
     if w.world_size() > 1 {
-        eprintln!(
-            "error on rank {} of {}: {msg}\nllmtune: rank {} failed; aborting all {} ranks ({})",
+        let text = format!(
+            "error on rank {} of {}: {msg}\nllmtune: rank {} failed; aborting all {} ranks ({})\n",
             w.rank(),
             w.world_size(),
             w.rank(),
             w.world_size(),
             w.backend()
         );
+        // One write, so the lines of several failing ranks do not interleave.
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
         w.abort(code);
     }
 }
@@ -340,10 +342,7 @@ mod tests {
         w.all_reduce_sum_f32(&mut a).unwrap();
         assert_eq!(a, [1.5, -2.0]);
         assert_eq!(w.all_gather_f64(3.0).unwrap(), vec![3.0]);
-        assert_eq!(
-            w.all_gather_bytes(b"ab").unwrap(),
-            vec![b"ab".to_vec()]
-        );
+        assert_eq!(w.all_gather_bytes(b"ab").unwrap(), vec![b"ab".to_vec()]);
         assert_eq!((w.rank(), w.world_size()), (0, 1));
     }
 

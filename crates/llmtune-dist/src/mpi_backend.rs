@@ -133,11 +133,7 @@ impl Collective for MpiWorld {
         mpi::topology::SimpleCommunicator::world().abort(code)
     }
     fn finalize(&self) {
-        let taken = self
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         // Dropping the universe calls MPI_Finalize.
         drop(taken);
     }
