@@ -66,6 +66,31 @@ impl NcclWorld {
             std::env::set_var("NCCL_COMM_ID", master);
         }
         let rank = env.rank;
+        // cudarc loads libcuda and libnccl on first use and panics when they are missing:
+        // turn that into an error naming the library instead.
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = std::panic::catch_unwind(|| Self::connect(&env, opts));
+        std::panic::set_hook(prev);
+        r.unwrap_or_else(|payload| {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            Err(err(
+                "init",
+                rank,
+                format!(
+                    "loading CUDA/NCCL: {}",
+                    msg.lines().next().unwrap_or_default()
+                ),
+            ))
+        })
+    }
+
+    fn connect(env: &crate::TorchrunEnv, opts: &InitOptions) -> Result<Self> {
+        let rank = env.rank;
         let ctx = CudaContext::new(env.local_rank)
             .map_err(|e| err("init", rank, format!("CUDA device {}: {e}", env.local_rank)))?;
         let stream = ctx.new_stream().map_err(|e| err("init", rank, e))?;
