@@ -547,3 +547,43 @@ fn a_failing_rank_aborts_the_job_with_its_error() {
     // ranks abort at once OpenMPI 4.1 sometimes fails to print it, "ORTE_ERROR_LOG: Out of
     // resource in show_help.c".)
 }
+
+/// 2 ranks stopped after a checkpoint and resumed (every rank reads rank 0's checkpoint) end
+/// where an uninterrupted 2-rank run ends.
+#[cfg(feature = "mpi")]
+#[test]
+fn two_ranks_resume_from_rank_zero_checkpoint() {
+    let Some(fx) = fixtures() else { return };
+    if !mpirun_available() {
+        return;
+    }
+    let model = fx.join("llama");
+    let root = tmp("resume");
+    let (straight, resumed) = (root.join("straight"), root.join("resumed"));
+    let with = |out: &Path, steps: &str, extra: &[&str]| -> Vec<String> {
+        let mut a = sft_args(&model, out, 1, 2);
+        let i = a.iter().position(|x| x == "--max_steps").unwrap();
+        a[i + 1] = steps.into();
+        a.extend(["--save_steps", "2"].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    run(Some(2), &with(&straight, "4", &[]));
+    let ck = straight.join("checkpoint-2");
+    assert!(ck.is_dir());
+    // A fresh output folder resuming from the straight run's step-2 checkpoint, to step 4.
+    let o = run(
+        Some(2),
+        &with(
+            &resumed,
+            "4",
+            &["--resume_from_checkpoint", ck.to_str().unwrap()],
+        ),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("resuming from"), "{err}");
+    let d = max_abs_diff(&adapter(&straight), &adapter(&resumed));
+    eprintln!("resumed vs straight (2 ranks): max |diff| = {d:e}");
+    assert!(d <= 1e-6, "{d}");
+    let _ = std::fs::remove_dir_all(&root);
+}
