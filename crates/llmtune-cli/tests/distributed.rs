@@ -587,3 +587,72 @@ fn two_ranks_resume_from_rank_zero_checkpoint() {
     assert!(d <= 1e-6, "{d}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Reward-model scoring (`--stage rm --do_predict --do_eval`) split over 2 ranks writes the
+/// 1-process `generated_predictions.jsonl` and the same accuracy and loss.
+#[cfg(feature = "mpi")]
+#[test]
+fn rm_scoring_two_ranks_writes_the_one_process_files() {
+    let Some(fx) = fixtures() else { return };
+    if !mpirun_available() {
+        return;
+    }
+    let root = tmp("rmscore");
+    let rm = root.join("rm");
+    std::fs::create_dir_all(&rm).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fx.join("llama/lora").join(f), rm.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fx.join("llama/value_head.safetensors"),
+        rm.join("value_head.safetensors"),
+    )
+    .unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--stage",
+            "rm",
+            "--do_predict",
+            "--do_eval",
+            "--model_name_or_path",
+            fx.join("llama").to_str().unwrap(),
+            "--template",
+            "chatml",
+            "--dataset",
+            "example_rm",
+            "--dataset_dir",
+            &example_data(),
+            "--overwrite_cache",
+            "--checkpoint_dir",
+            rm.to_str().unwrap(),
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--per_device_eval_batch_size",
+            "5",
+            "--max_source_length",
+            "48",
+            "--max_target_length",
+            "24",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (one, two) = (root.join("one"), root.join("two"));
+    run(None, &args(&one));
+    run(Some(2), &args(&two));
+    let f1 = std::fs::read_to_string(one.join("generated_predictions.jsonl")).unwrap();
+    let f2 = std::fs::read_to_string(two.join("generated_predictions.jsonl")).unwrap();
+    assert!(f1.lines().count() > 5, "{f1}");
+    assert_eq!(f1, f2);
+    let r = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("eval_results.json")).unwrap())
+            .unwrap()
+    };
+    let (r1, r2) = (r(&one), r(&two));
+    assert_eq!(r1["eval_accuracy"], r2["eval_accuracy"]);
+    assert_eq!(r1["eval_loss"], r2["eval_loss"]);
+    assert_eq!(r1["eval_samples"], r2["eval_samples"]);
+    let _ = std::fs::remove_dir_all(&root);
+}
