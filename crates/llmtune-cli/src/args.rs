@@ -20,9 +20,15 @@ pub fn model_or_default(m: &Option<String>) -> String {
 /// The device to run on: CUDA when built with it and available, else CPU (saying why when a
 /// CUDA build falls back).
 pub fn device() -> anyhow::Result<Device> {
+    device_at(0)
+}
+
+/// [`device`] with CUDA device `ordinal` (a data-parallel rank's `LOCAL_RANK`).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn device_at(ordinal: usize) -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
-        match Device::new_cuda(0) {
+        match Device::new_cuda(ordinal) {
             Ok(d) => return Ok(d),
             Err(e) => {
                 let e = e.to_string();

@@ -236,6 +236,17 @@ pub struct TrainArgs {
     /// A checkpoint folder, or `true` for the latest in output_dir.
     #[arg(long)]
     pub resume_from_checkpoint: Option<String>,
+    /// Multi-process backend: `mpi` (CPU; launch with mpirun/srun, feature `mpi`), `nccl`
+    /// (GPU; torchrun environment, feature `nccl`), `none`, or unset for automatic (MPI when an
+    /// MPI launcher started us, NCCL when `WORLD_SIZE` > 1 on a GPU, else one process).
+    #[arg(long)]
+    #[serde(default)]
+    pub ddp_backend: Option<String>,
+    /// Seconds a collective may wait for the other ranks before the job is aborted (NCCL's
+    /// watchdog; MPI jobs end through mpirun when a rank dies).
+    #[arg(long, default_value_t = 1800)]
+    #[serde(default = "default_ddp_timeout")]
+    pub ddp_timeout: u64,
     /// Max generated length when predicting (overrides max_target_length + 1 new tokens).
     #[arg(long)]
     pub generation_max_length: Option<usize>,
@@ -265,6 +276,10 @@ pub struct TrainArgs {
     pub max_new_tokens: Option<usize>,
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f64,
+}
+
+fn default_ddp_timeout() -> u64 {
+    1800
 }
 
 impl TrainArgs {

@@ -91,6 +91,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A collective of the distributed backend failed.
+    #[error(transparent)]
+    Dist(#[from] llmtune_dist::Error),
     /// An error from another llmtune crate (model, adapter, data, metrics), already
     /// described by its own message.
     #[error("{0}")]

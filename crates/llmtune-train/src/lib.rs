@@ -13,6 +13,7 @@
 //! | [`ppo`] | PPO: TRL 0.4's rewards, GAE, clipped losses and KL controller; rollout layout and scoring |
 //! | [`progress`] | a terminal bar or plain log lines |
 //! | [`rng`] | [`Rng`], a seedable RNG with a serialisable state |
+//! | [`dist`] | data parallelism over `llmtune-dist`'s collectives: gradient all-reduce, weight broadcast, sharding |
 //! | [`io`] | [`atomic_write`], [`write_json_sorted`], Python-compatible JSON |
 //!
 //! Every file is written atomically (temporary + fsync + rename) and JSON is
@@ -22,6 +23,7 @@
 pub mod args;
 pub mod checkpoint;
 pub mod checkpointing;
+pub mod dist;
 pub mod error;
 pub mod io;
 pub mod log;

@@ -122,25 +122,74 @@ pub struct TrainOutcome {
 }
 
 /// One pass over the evaluation set: the mean of the batch losses and the task's further
-/// metrics, named `eval_{name}`.
+/// metrics, named `eval_{name}`. With several ranks, rank `r` evaluates the batches `b` with
+/// `b % world_size == r`; the batch losses are summed over the ranks and the further metrics
+/// (means over examples) are combined weighted by each rank's number of examples, which gives
+/// the one-process values.
 fn evaluate(task: &mut dyn Task, eval_set: usize, bs: usize) -> Result<(f64, Vec<(String, f64)>)> {
+    let world = crate::dist::world();
+    let (rank, ws) = (world.rank(), world.world_size());
     task.set_training(false);
     task.eval_begin();
     let idx: Vec<usize> = (0..eval_set).collect();
     let mut sum = 0.0;
     let mut n = 0usize;
-    for chunk in idx.chunks(bs.max(1)) {
+    let mut examples = 0usize;
+    for (bi, chunk) in idx.chunks(bs.max(1)).enumerate() {
+        if bi % ws != rank {
+            continue;
+        }
         let (loss, _) = task.loss(chunk, true)?;
         sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         n += 1;
+        examples += chunk.len();
     }
-    let metrics = task
+    let mut metrics: Vec<(String, f64)> = task
         .eval_metrics()
         .into_iter()
         .map(|(k, v)| (format!("eval_{k}"), v))
         .collect();
     task.set_training(true);
+    if ws > 1 {
+        let [s, c] = crate::dist::sum_f64([sum, n as f64])?;
+        (sum, n) = (s, c as usize);
+        metrics = combine_metrics(world, &metrics, examples)?;
+    }
     Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, metrics))
+}
+
+/// Every rank's `(name, mean)` metrics over its `examples`, combined into the means over all
+/// examples (names in first-seen rank order).
+fn combine_metrics(
+    world: &dyn llmtune_dist::Collective,
+    local: &[(String, f64)],
+    examples: usize,
+) -> Result<Vec<(String, f64)>> {
+    let mine = serde_json::json!({"n": examples, "m": local}).to_string();
+    let mut order: Vec<String> = Vec::new();
+    let mut acc: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for bytes in world.all_gather_bytes(mine.as_bytes())? {
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Other(format!("evaluation metrics from another rank: {e}")))?;
+        let n = v["n"].as_f64().unwrap_or(0.0);
+        let m: Vec<(String, f64)> = serde_json::from_value(v["m"].clone())
+            .map_err(|e| Error::Other(format!("evaluation metrics from another rank: {e}")))?;
+        for (k, x) in m {
+            if !acc.contains_key(&k) {
+                order.push(k.clone());
+            }
+            let e = acc.entry(k).or_insert((0.0, 0.0));
+            e.0 += x * n;
+            e.1 += n;
+        }
+    }
+    Ok(order
+        .into_iter()
+        .map(|k| {
+            let (s, n) = acc[&k];
+            (k, if n > 0.0 { s / n } else { f64::NAN })
+        })
+        .collect())
 }
 
 /// Runs training. `train_len`/`eval_len` are the sizes of the sets `task.loss` indexes.
@@ -152,15 +201,24 @@ pub fn train(
     eval_len: usize,
 ) -> Result<TrainOutcome> {
     let out = &cfg.output_dir;
+    // Data parallelism: rank `r` of `ws` takes the micro-batches `b` with `b % ws == r` of
+    // every global batch of `accum * ws` micro-batches (accelerate's interleaved sharding), so
+    // `ws` ranks with accumulation `accum` see what one process sees with `accum * ws`.
+    let world = crate::dist::world();
+    let (rank, ws) = (world.rank(), world.world_size());
+    let main = rank == 0;
     std::fs::create_dir_all(out).map_err(|e| Error::io("create", out, e))?;
-    cleanup_stale_tmp(out)?;
+    if main {
+        cleanup_stale_tmp(out)?;
+    }
     if train_len == 0 {
         return Err(Error::InvalidArgument("no training samples".into()));
     }
     let bs = cfg.train_batch_size.max(1);
     let accum = cfg.gradient_accumulation_steps.max(1);
+    let group = accum * ws;
     let batches_per_epoch = train_len.div_ceil(bs);
-    let steps_per_epoch = (batches_per_epoch / accum).max(1);
+    let steps_per_epoch = (batches_per_epoch / group).max(1);
     let total_steps = if cfg.max_steps > 0 {
         cfg.max_steps as u64
     } else {
@@ -206,15 +264,36 @@ pub fn train(
         state = loaded.trainer_state;
         pos = loaded.data_position;
         start_step = state.global_step;
-        log.truncate_after(start_step)?;
-        eprintln!("resuming from {} at step {start_step}", ck.display());
-    } else {
+        if main {
+            log.truncate_after(start_step)?;
+            eprintln!("resuming from {} at step {start_step}", ck.display());
+        }
+    } else if main {
         log.reset()?;
+    }
+    // Same starting weights everywhere (a fresh LoRA's random A matrices differ per process
+    // only if seeding ever did; a resumed checkpoint is read by every rank).
+    crate::dist::broadcast_vars(&vars)?;
+    if ws > 1 && main {
+        eprintln!(
+            "data parallel: {ws} ranks ({}), global batch {} = {bs} per device x {accum} accumulation x {ws} ranks",
+            world.backend(),
+            bs * group
+        );
     }
     opt.set_lr(sched.lr_at(start_step));
 
     let mut acc = GradAccumulator::new(vars.clone());
-    let mut progress = Progress::new(total_steps, cfg.logging_steps.max(1) as u64, start_step);
+    let mut progress = if main {
+        Progress::new(total_steps, cfg.logging_steps.max(1) as u64, start_step)
+    } else {
+        crate::progress::Progress::with_mode(
+            total_steps,
+            cfg.logging_steps.max(1) as u64,
+            start_step,
+            crate::progress::ProgressMode::Silent,
+        )
+    };
     let t0 = Instant::now();
     let mut window_loss = 0.0f64;
     let mut window_steps = 0u64;
@@ -230,31 +309,61 @@ pub fn train(
         let mut perm: Vec<usize> = (0..train_len).collect();
         Rng::from_seeds(&[pos.permutation_seed, pos.epoch]).shuffle(&mut perm);
         let batches: Vec<&[usize]> = perm.chunks(bs).collect();
-        let usable = (steps_per_epoch * accum).min(batches.len());
+        let usable = (steps_per_epoch * group).min(batches.len());
         let mut b = pos.batch_in_epoch as usize;
         while b < usable {
-            let (lv, tokens, grads) = task.loss_and_grads(batches[b], 1.0 / accum as f64, &vars)?;
-            let Some(grads) = grads.filter(|_| lv.is_finite()) else {
+            // One optimizer step: global micro-batches b..end, this rank's share of them.
+            let end = ((b / group + 1) * group).min(usable);
+            let scale = 1.0 / group as f64;
+            let mut bad: Option<(usize, f64)> = None;
+            for gb in (b..end).filter(|gb| gb % ws == rank) {
+                let (lv, tokens, grads) = task.loss_and_grads(batches[gb], scale, &vars)?;
+                let Some(grads) = grads.filter(|_| lv.is_finite()) else {
+                    bad = Some((gb, lv));
+                    break;
+                };
+                acc.add_gradients(&grads)?;
+                step_loss += lv / group as f64;
+                step_tokens += tokens;
+            }
+            b = end;
+            if ws > 1 {
+                let flag = if bad.is_some() { 1.0 } else { 0.0 };
+                let [l, t, f] = crate::dist::sum_f64([step_loss, step_tokens as f64, flag])?;
+                (step_loss, step_tokens) = (l, t as u64);
+                if f > 0.0 && bad.is_none() {
+                    bad = Some((usize::MAX, f64::NAN));
+                }
+            }
+            if let Some((gb, lv)) = bad {
                 let keep = last_good_checkpoint
                     .as_ref()
                     .map(|p| format!("the last good checkpoint is {}", p.display()))
                     .unwrap_or_else(|| "no checkpoint was saved yet".into());
+                let what = if gb == usize::MAX {
+                    "on another rank".to_string()
+                } else {
+                    format!("{lv}")
+                };
+                let at = if gb == usize::MAX {
+                    String::new()
+                } else {
+                    format!(", batch {gb}")
+                };
                 return Err(Error::InvalidArgument(format!(
-                    "the loss became {lv} at step {} (epoch {}, batch {b}); stopping: {keep}. \
+                    "the loss became {what} at step {} (epoch {}{at}); stopping: {keep}. \
                      Try a lower --learning_rate or --max_grad_norm.",
                     state.global_step + 1,
                     pos.epoch
                 )));
-            };
-            acc.add_gradients(&grads)?;
-            step_loss += lv / accum as f64;
-            step_tokens += tokens;
-            b += 1;
-            if b % accum != 0 && b < usable {
-                continue;
             }
             // Optimizer step.
-            let mut g: Gradients = acc.finish()?;
+            let mut g: Gradients = if acc.micro_batches() == 0 {
+                crate::dist::zero_gradients(&vars)?
+            } else {
+                acc.finish()?
+            };
+            crate::dist::all_reduce_gradients(&mut g)?;
             if cfg.max_grad_norm > 0.0 {
                 g.clip_global_norm(cfg.max_grad_norm)?;
             }
@@ -288,7 +397,9 @@ pub fn train(
                 line.loss = Some(loss);
                 line.learning_rate = Some(lr);
                 line.epoch = Some(crate::io::py_round(epoch_f, 2));
-                log.append(&line)?;
+                if main {
+                    log.append(&line)?;
+                }
                 window_loss = 0.0;
                 window_steps = 0;
             }
@@ -308,7 +419,9 @@ pub fn train(
                     line.eval_loss = Some(el);
                     line.extra = extra.iter().map(|(k, v)| (k.clone(), Some(*v))).collect();
                     line.epoch = Some(crate::io::py_round(epoch_f, 2));
-                    log.append(&line)?;
+                    if main {
+                        log.append(&line)?;
+                    }
                     let shown: String = logged
                         .iter()
                         .map(|(k, v)| format!(" {k} {v}"))
@@ -322,6 +435,14 @@ pub fn train(
                 let name = format!("checkpoint-{step}");
                 if let Some(el) = last_eval {
                     state.update_best(el, false, &out.join(&name).to_string_lossy());
+                }
+                if !main {
+                    // Rank 0 alone writes checkpoints; the others hold the same state.
+                    last_good_checkpoint = Some(out.join(&name));
+                    if state.global_step >= total_steps {
+                        break 'outer;
+                    }
+                    continue;
                 }
                 let rngs = BTreeMap::new();
                 let dir = save_checkpoint(
@@ -374,7 +495,9 @@ pub fn train(
         }
     }
     task.set_training(false);
-    task.save(out)?;
+    if main {
+        task.save(out)?;
+    }
     let mut m: Metrics = speed_metrics(
         "train",
         runtime,
@@ -386,7 +509,9 @@ pub fn train(
         "epoch".into(),
         crate::state::f64_value(state.epoch.unwrap_or(0.0)),
     );
-    save_metrics(out, "train", &m)?;
+    if main {
+        save_metrics(out, "train", &m)?;
+    }
     state.log(&[
         ("train_loss", train_loss),
         ("train_runtime", crate::io::py_round(runtime, 4)),
@@ -405,10 +530,17 @@ pub fn train(
             "epoch".into(),
             crate::state::f64_value(state.epoch.unwrap_or(0.0)),
         );
-        save_metrics(out, "eval", &em)?;
+        if main {
+            save_metrics(out, "eval", &em)?;
+        }
         eval_loss = Some(el);
     }
-    state.save(&out.join("trainer_state.json"))?;
+    if main {
+        state.save(&out.join("trainer_state.json"))?;
+    }
+    // Nobody leaves before rank 0 has written everything (a launcher may tear the job down
+    // when the first process exits).
+    world.barrier()?;
     Ok(TrainOutcome {
         global_step: state.global_step,
         train_loss,

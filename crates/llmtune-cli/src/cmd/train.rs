@@ -4,12 +4,45 @@ use std::process::ExitCode;
 
 pub use llmtune_train::args::TrainArgs;
 
-use crate::args::device;
+use crate::args::device_at;
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    let dev = device()?;
-    llmtune_train::stages::run(&a, &dev)?;
-    Ok(ExitCode::SUCCESS)
+    let backend: llmtune_dist::Backend = a
+        .ddp_backend
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let dev = device_at(llmtune_dist::local_rank())?;
+    let world = llmtune_dist::init(&llmtune_dist::InitOptions {
+        backend,
+        cuda: dev.is_cuda(),
+        timeout: std::time::Duration::from_secs(a.ddp_timeout.max(1)),
+    })?;
+    if world.world_size() > 1 {
+        // One write, so the ranks' lines do not interleave.
+        let line = format!(
+            "llmtune: rank {} of {} ({}), pid {}, device {:?}\n",
+            world.rank(),
+            world.world_size(),
+            world.backend(),
+            std::process::id(),
+            dev.location()
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }
+    match llmtune_train::stages::run(&a, &dev) {
+        Ok(()) => {
+            llmtune_dist::finalize();
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            // With several ranks a failing rank must take the others down with it: they may
+            // be waiting in a collective this rank will never join.
+            llmtune_dist::abort_if_distributed(&e.to_string(), 1);
+            Err(e.into())
+        }
+    }
 }
 
 /// Expands a lone `*.json`/`*.yaml`/`*.yml` argument after `train` into `--key value` flags

@@ -363,7 +363,9 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         max_target_length: args.max_target_length.max(1),
         vocab_size: p.model.is_chatglm().then(|| p.tokenizer.vocab_size()),
     };
-    super::save_args(args, &out)?;
+    if crate::dist::is_main() {
+        super::save_args(args, &out)?;
+    }
     let mut model = p.model;
     train_ppo(
         args, &out, &base_name, &mut model, models, vars, &queries, &rollout,
@@ -382,7 +384,16 @@ fn train_ppo(
     queries: &[Vec<u32>],
     rollout: &RolloutConfig,
 ) -> Result<()> {
-    cleanup_stale_tmp(out)?;
+    // Data parallelism: every step takes `world_size` consecutive rollout batches per
+    // accumulation slot; rank `r` rolls out and scores its own one, the gradients are summed
+    // over the ranks and the statistics (reward, KL, lengths) reduced, so the KL controller
+    // and the logs see the global batch.
+    let world = crate::dist::world();
+    let (rank, ws) = (world.rank(), world.world_size());
+    let main = rank == 0;
+    if main {
+        cleanup_stale_tmp(out)?;
+    }
     let PpoModels {
         lora,
         policy,
@@ -393,7 +404,7 @@ fn train_ppo(
     let bs = args.per_device_train_batch_size.max(1);
     let accum = args.gradient_accumulation_steps.max(1);
     // TRL's dataloader drops the last partial batch (a set smaller than a batch is one batch).
-    let batches_per_epoch = (queries.len() / bs).max(1);
+    let batches_per_epoch = (queries.len() / (bs * ws)).max(1);
     let steps_per_epoch = (batches_per_epoch / accum).max(1);
     let total_steps = if args.max_steps > 0 {
         args.max_steps as u64
@@ -448,18 +459,28 @@ fn train_ppo(
         state = loaded.trainer_state;
         pos = loaded.data_position;
         start_step = state.global_step;
-        log.truncate_after(start_step)?;
-        eprintln!("resuming from {} at step {start_step}", ck.display());
-    } else {
+        if main {
+            log.truncate_after(start_step)?;
+            eprintln!("resuming from {} at step {start_step}", ck.display());
+        }
+    } else if main {
         log.reset()?;
     }
-    eprintln!(
-        "ppo: {} prompts, batch {bs} x {accum} accumulation, {total_steps} steps \
-         ({steps_per_epoch} per epoch), max new tokens in [{}, {})",
-        queries.len(),
-        rollout.max_target_length / 2,
-        rollout.max_target_length
-    );
+    crate::dist::broadcast_vars(&vars)?;
+    if main {
+        eprintln!(
+            "ppo: {} prompts, batch {bs} x {accum} accumulation{}, {total_steps} steps \
+             ({steps_per_epoch} per epoch), max new tokens in [{}, {})",
+            queries.len(),
+            if ws > 1 {
+                format!(" x {ws} ranks ({})", world.backend())
+            } else {
+                String::new()
+            },
+            rollout.max_target_length / 2,
+            rollout.max_target_length
+        );
+    }
 
     let save = |dir: &Path, kl_ctl: &KlController| -> Result<()> {
         lora.save_peft(&policy, dir, base_name).map_err(other)?;
@@ -473,7 +494,16 @@ fn train_ppo(
     };
 
     let mut acc = GradAccumulator::new(vars.clone());
-    let mut progress = Progress::new(total_steps, args.logging_steps.max(1) as u64, start_step);
+    let mut progress = if main {
+        Progress::new(total_steps, args.logging_steps.max(1) as u64, start_step)
+    } else {
+        Progress::with_mode(
+            total_steps,
+            args.logging_steps.max(1) as u64,
+            start_step,
+            crate::progress::ProgressMode::Silent,
+        )
+    };
     let t0 = Instant::now();
     let mut window = Window::default();
     let mut totals = Times::default();
@@ -503,11 +533,20 @@ fn train_ppo(
                 Rng::from_seeds(&[pos.permutation_seed, pos.epoch]).shuffle(&mut perm);
                 perm_epoch = pos.epoch;
             }
-            let b = pos.batch_in_epoch as usize;
-            let idx = &perm[b * bs..((b + 1) * bs).min(perm.len())];
+            // Global rollout batch `b * ws + rank` (wrapping when the set is smaller than
+            // one global batch).
+            let b = pos.batch_in_epoch as usize * ws + rank;
+            let idx: Vec<usize> = if ws == 1 {
+                perm[b * bs..((b + 1) * bs).min(perm.len())].to_vec()
+            } else {
+                (b * bs..(b + 1) * bs)
+                    .map(|i| perm[i % perm.len()])
+                    .collect()
+            };
             pos.batch_in_epoch += 1;
             let qs: Vec<Vec<u32>> = idx.iter().map(|&i| queries[i].clone()).collect();
-            let mut rng = Rng::from_seeds(&[args.seed, 0x0070_706F, step, k as u64]);
+            let slot = (k * ws + rank) as u64;
+            let mut rng = Rng::from_seeds(&[args.seed, 0x0070_706F, step, slot]);
             let gcfg = GenerationConfig {
                 do_sample: true,
                 temperature: 1.0,
@@ -572,6 +611,7 @@ fn train_ppo(
         critic.set_training(true);
         let mut step_loss = 0.0;
         let mut step_tokens = 0u64;
+        let mut bad: Option<(usize, f64)> = None;
         for (mi, ro) in rollouts.iter().enumerate() {
             let pol = policy_forward(model, Some(&critic), &ro.batch)?;
             let vpreds = pol
@@ -581,22 +621,39 @@ fn train_ppo(
             let out = ppo_loss(&ro.mb, &pol.logprobs, vpreds, Some(&pol.logits), &hp)?;
             let lv = out.stats.loss;
             if !lv.is_finite() {
-                let keep = last_good_checkpoint
-                    .as_ref()
-                    .map(|p| format!("the last good checkpoint is {}", p.display()))
-                    .unwrap_or_else(|| "no checkpoint was saved yet".into());
-                return Err(Error::InvalidArgument(format!(
-                    "the PPO loss became {lv} at step {} (mini-batch {mi}); stopping: {keep}. \
-                     Try a lower --learning_rate or --max_grad_norm.",
-                    step + 1
-                )));
+                bad = Some((mi, lv));
+                break;
             }
-            let grads = (out.loss / accum as f64)?.backward()?;
+            let grads = (out.loss / (accum * ws) as f64)?.backward()?;
             acc.add(&grads)?;
-            step_loss += lv / rollouts.len() as f64;
+            step_loss += lv / (rollouts.len() * ws) as f64;
             step_tokens += ro.batch.tokens()?;
         }
+        if ws > 1 {
+            let flag = if bad.is_some() { 1.0 } else { 0.0 };
+            let [l, t, f] = crate::dist::sum_f64([step_loss, step_tokens as f64, flag])?;
+            (step_loss, step_tokens) = (l, t as u64);
+            if f > 0.0 && bad.is_none() {
+                bad = Some((usize::MAX, f64::NAN));
+            }
+        }
+        if let Some((mi, lv)) = bad {
+            let keep = last_good_checkpoint
+                .as_ref()
+                .map(|p| format!("the last good checkpoint is {}", p.display()))
+                .unwrap_or_else(|| "no checkpoint was saved yet".into());
+            let what = if mi == usize::MAX {
+                "non-finite on another rank".to_string()
+            } else {
+                format!("{lv} at step {} (mini-batch {mi})", step + 1)
+            };
+            return Err(Error::InvalidArgument(format!(
+                "the PPO loss became {what}; stopping: {keep}. \
+                 Try a lower --learning_rate or --max_grad_norm."
+            )));
+        }
         let mut g: Gradients = acc.finish()?;
+        crate::dist::all_reduce_gradients(&mut g)?;
         if args.max_grad_norm > 0.0 {
             g.clip_global_norm(args.max_grad_norm)?;
         }
@@ -609,13 +666,18 @@ fn train_ppo(
         times.optimization += t.elapsed().as_secs_f64();
 
         // ---- statistics, KL controller ----
-        let n_resp: usize = rollouts.iter().map(|r| r.scores.len()).sum();
-        let mean =
-            |f: &dyn Fn(&Rollout) -> f64| rollouts.iter().map(f).sum::<f64>() / n_resp as f64;
-        let reward = mean(&|r| r.scores.iter().sum());
-        let kl = mean(&|r| r.kl.iter().sum());
-        let resp_len = mean(&|r| r.batch.response_lens.iter().sum::<usize>() as f64);
-        let generated: usize = rollouts.iter().map(|r| r.generated).sum();
+        let sum = |f: &dyn Fn(&Rollout) -> f64| rollouts.iter().map(f).sum::<f64>();
+        let [n_resp, reward_sum, kl_sum, len_sum, generated] = crate::dist::sum_f64([
+            sum(&|r| r.scores.len() as f64),
+            sum(&|r| r.scores.iter().sum()),
+            sum(&|r| r.kl.iter().sum()),
+            sum(&|r| r.batch.response_lens.iter().sum::<usize>() as f64),
+            sum(&|r| r.generated as f64),
+        ])?;
+        let (n_resp, generated) = (n_resp as usize, generated as usize);
+        let reward = reward_sum / n_resp as f64;
+        let kl = kl_sum / n_resp as f64;
+        let resp_len = len_sum / n_resp as f64;
         let kl_coef_used = kl_ctl.value;
         kl_ctl.update(kl, n_resp);
 
@@ -669,7 +731,9 @@ fn train_ppo(
             line.reward = Some(reward);
             line.learning_rate = Some(lr);
             line.epoch = Some(py_round(epoch_f, 2));
-            log.append(&line)?;
+            if main {
+                log.append(&line)?;
+            }
             progress.println(&format!(
                 "step {gstep}/{total_steps}: loss {loss} reward {reward} kl {kl} kl_coef {} \
                  response_length {resp} | rollout {:.1}s ({:.1} tok/s) scoring {:.1}s optimization {:.1}s",
@@ -681,7 +745,7 @@ fn train_ppo(
             ));
             window = Window::default();
         }
-        if args.save_steps > 0 && gstep % args.save_steps as u64 == 0 {
+        if main && args.save_steps > 0 && gstep % args.save_steps as u64 == 0 {
             let rngs = BTreeMap::new();
             let dir = save_checkpoint(
                 out,
@@ -701,7 +765,9 @@ fn train_ppo(
     }
     progress.finish();
     let runtime = t0.elapsed().as_secs_f64();
-    save(out, &kl_ctl)?;
+    if main {
+        save(out, &kl_ctl)?;
+    }
     let train_loss = if loss_steps > 0 {
         total_loss / loss_steps as f64
     } else {
@@ -711,7 +777,7 @@ fn train_ppo(
     let mut m: Metrics = speed_metrics(
         "train",
         runtime,
-        Some(steps_run * (bs * accum) as u64),
+        Some(steps_run * (bs * accum * ws) as u64),
         Some(steps_run),
     );
     let epoch = state.epoch.unwrap_or(0.0);
@@ -739,21 +805,28 @@ fn train_ppo(
             3,
         )),
     );
-    save_metrics(out, "train", &m)?;
+    if main {
+        save_metrics(out, "train", &m)?;
+    }
     state.log(&[
         ("train_loss", train_loss),
         ("train_runtime", py_round(runtime, 4)),
     ]);
-    state.save(&out.join(crate::state::TRAINER_STATE_NAME))?;
+    if main {
+        state.save(&out.join(crate::state::TRAINER_STATE_NAME))?;
+    }
     eprintln!(
         "done: {} steps in {runtime:.1}s (rollout {:.1}s, scoring {:.1}s, optimization {:.1}s), \
          train_loss {train_loss:.4}, final kl_coef {:.6}",
         state.global_step, totals.rollout, totals.scoring, totals.optimization, kl_ctl.value
     );
-    if args.plot_loss {
+    if args.plot_loss && main {
         crate::plot::plot_loss(out, &["loss", "reward"])?;
     }
-    eprintln!("policy adapter and critic saved to {}", out.display());
+    if main {
+        eprintln!("policy adapter and critic saved to {}", out.display());
+    }
+    world.barrier()?;
     Ok(())
 }
 

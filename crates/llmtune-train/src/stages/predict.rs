@@ -1,6 +1,10 @@
 //! `--stage sft --do_predict --predict_with_generate`: sample a reply for every test prompt
 //! with the `--checkpoint_dir` adapters merged, write `generated_predictions.jsonl` and score
 //! it with BLEU-4 and ROUGE-1/2/L exactly as the Python reference does.
+//!
+//! With several ranks, each generates a contiguous run of the batches (the same batches, with
+//! the same per-batch seeds, as one process), rank 0 gathers them in rank order, which is
+//! input order, and alone writes the file and the scores.
 
 use std::io::Write;
 use std::time::Instant;
@@ -51,9 +55,15 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let pad = p.tokenizer.pad_id().unwrap_or(0);
     let bs = args.per_device_eval_batch_size.max(1);
     let t0 = Instant::now();
+    let world = crate::dist::world();
+    let n_batches = prompts.len().div_ceil(bs);
+    let (first, last) = llmtune_dist::shard_range(n_batches, world.rank(), world.world_size());
     let mut pairs: Vec<(String, String)> = Vec::with_capacity(prompts.len());
     let mut steps = 0u64;
     for (bi, chunk) in prompts.chunks(bs).enumerate() {
+        if bi < first || bi >= last {
+            continue;
+        }
         let inputs: Vec<Vec<u32>> = chunk.iter().map(|(i, _)| i.clone()).collect();
         let cfg = GenerationConfig {
             seed: args.seed.wrapping_add(bi as u64),
@@ -69,7 +79,24 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             pairs.push((pred, lab));
         }
         steps += 1;
-        eprintln!("predict: {}/{} samples", pairs.len(), prompts.len());
+        if world.world_size() > 1 {
+            eprintln!(
+                "predict (rank {}): {}/{} of its samples",
+                world.rank(),
+                pairs.len(),
+                prompts[(first * bs).min(prompts.len())..(last * bs).min(prompts.len())].len()
+            );
+        } else {
+            eprintln!("predict: {}/{} samples", pairs.len(), prompts.len());
+        }
+    }
+    if world.world_size() > 1 {
+        pairs = gather_pairs(&pairs)?;
+        steps = n_batches as u64;
+        if !crate::dist::is_main() {
+            world.barrier()?;
+            return Ok(());
+        }
     }
     let runtime = t0.elapsed().as_secs_f64();
     // generated_predictions.jsonl: {"label", "predict"} per line, input order, UTF-8 unescaped.
@@ -91,5 +118,22 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     save_metrics(&out, "predict", &m)?;
     println!("{summary}");
     eprintln!("predictions and scores written to {}", out.display());
+    world.barrier()?;
     Ok(())
+}
+
+/// Every rank's `(predict, label)` pairs, concatenated in rank order.
+fn gather_pairs(mine: &[(String, String)]) -> Result<Vec<(String, String)>> {
+    let bytes = serde_json::to_vec(mine).map_err(|e| other(format!("predictions: {e}")))?;
+    let mut all = Vec::new();
+    for (r, b) in crate::dist::world()
+        .all_gather_bytes(&bytes)?
+        .into_iter()
+        .enumerate()
+    {
+        let part: Vec<(String, String)> = serde_json::from_slice(&b)
+            .map_err(|e| other(format!("predictions from rank {r}: {e}")))?;
+        all.extend(part);
+    }
+    Ok(all)
 }

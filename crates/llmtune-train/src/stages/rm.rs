@@ -381,7 +381,9 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> 
         println!("{}", e.report());
         return Ok(None);
     }
-    super::save_args(args, &out)?;
+    if crate::dist::is_main() {
+        super::save_args(args, &out)?;
+    }
     let outcome = train(&tcfg, vars, &mut task, nt, ne)?;
     let RmTask {
         train: train_set,
@@ -432,7 +434,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             .map(|a| format!(", eval_accuracy {a:.4}"))
             .unwrap_or_default()
     );
-    if args.plot_loss {
+    if args.plot_loss && crate::dist::is_main() {
         crate::plot::plot_loss(&t.output_dir, &["loss", "eval_loss", "eval_accuracy"])?;
     }
     eprintln!("adapter and value head saved to {}", t.output_dir.display());
@@ -521,7 +523,15 @@ pub fn predict(args: &TrainArgs, device: &Device) -> Result<()> {
     let t0 = Instant::now();
     let mut scores = Vec::with_capacity(prepared.examples.len());
     let mut steps = 0u64;
-    for chunk in prepared.examples.chunks(bs) {
+    // Several ranks: each scores a contiguous run of the batches; rank 0 gathers them in
+    // rank (= input) order and alone writes.
+    let world = crate::dist::world();
+    let n_batches = prepared.examples.len().div_ceil(bs);
+    let (first, last) = llmtune_dist::shard_range(n_batches, world.rank(), world.world_size());
+    for (bi, chunk) in prepared.examples.chunks(bs).enumerate() {
+        if bi < first || bi >= last {
+            continue;
+        }
         let rows: Vec<&Example> = chunk.iter().collect();
         scores.extend(rm.rewards(&rows)?.to_vec()?);
         steps += 1;
@@ -531,6 +541,21 @@ pub fn predict(args: &TrainArgs, device: &Device) -> Result<()> {
                 scores.len(),
                 prepared.examples.len()
             );
+        }
+    }
+    if world.world_size() > 1 {
+        let bytes = serde_json::to_vec(&scores).map_err(|e| other(format!("rewards: {e}")))?;
+        let mut all = Vec::with_capacity(prepared.examples.len());
+        for (r, b) in world.all_gather_bytes(&bytes)?.into_iter().enumerate() {
+            let part: Vec<(f32, f32)> = serde_json::from_slice(&b)
+                .map_err(|e| other(format!("rewards from rank {r}: {e}")))?;
+            all.extend(part);
+        }
+        scores = all;
+        steps = n_batches as u64;
+        if !crate::dist::is_main() {
+            world.barrier()?;
+            return Ok(());
         }
     }
     let runtime = t0.elapsed().as_secs_f64();
@@ -569,5 +594,6 @@ pub fn predict(args: &TrainArgs, device: &Device) -> Result<()> {
         "{n} pairs: accuracy {accuracy:.4} ({correct} with chosen > rejected), loss {loss:.4}"
     );
     eprintln!("rewards and metrics written to {}", out.display());
+    world.barrier()?;
     Ok(())
 }

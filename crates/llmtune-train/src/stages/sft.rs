@@ -285,7 +285,9 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         println!("{}", e.report());
         return Ok(());
     }
-    super::save_args(args, &out)?;
+    if crate::dist::is_main() {
+        super::save_args(args, &out)?;
+    }
     let outcome = train(&tcfg, vars, &mut task, nt, ne)?;
     eprintln!(
         "done: {} steps in {:.1}s, train_loss {:.4}{}",
@@ -297,7 +299,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             .map(|e| format!(", eval_loss {e:.4}"))
             .unwrap_or_default()
     );
-    if args.plot_loss {
+    if args.plot_loss && crate::dist::is_main() {
         crate::plot::plot_loss(&out, &["loss", "eval_loss"])?;
     }
     eprintln!("trained weights saved to {}", out.display());
