@@ -33,6 +33,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 mod cpu;
 mod linear;
 mod norm;
+pub mod quant;
 pub mod reference;
 mod rope;
 mod softmax;
