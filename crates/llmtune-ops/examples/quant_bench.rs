@@ -21,8 +21,17 @@ fn time(mut f: impl FnMut(), reps: usize) -> f64 {
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    for (fmt, gd) in [(QFormat::Q4_1, GgmlDType::Q4_1), (QFormat::Q8_0, GgmlDType::Q8_0)] {
-        for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)] {
+    for (fmt, gd) in [
+        (QFormat::Q4_1, GgmlDType::Q4_1),
+        (QFormat::Q8_0, GgmlDType::Q8_0),
+    ] {
+        for (n, k) in [
+            (576, 576),
+            (192, 576),
+            (1536, 576),
+            (576, 1536),
+            (49152, 576),
+        ] {
             let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
             let qt = QTensor::quantize(&w, gd)?;
             let ours = QMatrix::from_ggml_bytes(fmt, n, k, &qt.data()?).unwrap();

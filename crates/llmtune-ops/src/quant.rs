@@ -12,8 +12,8 @@
 //! The integer dot products run with AVX-512-VNNI or AVX-VNNI (`vpdpbusd`), AVX2
 //! (`vpmaddubsw`) or plain Rust, picked once at run time with `is_x86_feature_detected!`
 //! (`LLMTUNE_OPS_NO_SIMD=1` forces plain Rust). All of them give the same integer block sums;
-//! only the order of the float additions differs. Output rows are split over candle's CPU
-//! worker pool (the one the other kernels of this crate use).
+//! only the order of the float additions differs. Output rows are split over rayon's worker
+//! pool (`LLMTUNE_QUANT_POOL=candle`: candle's spinning pool instead).
 //!
 //! This is an inference path: there is no backward.
 
@@ -76,7 +76,7 @@ enum Blocks {
 }
 
 /// A quantized `[rows, cols]` matrix (row-major, `cols / 32` blocks per row).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct QMatrix {
     rows: usize,
     cols: usize,
@@ -129,8 +129,7 @@ fn detect_isa() -> QIsa {
         let avx2 = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c");
-        if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
-        {
+        if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
             return QIsa::Avx512Vnni;
         }
         if avx2 && is_x86_feature_detected!("avxvnni") {
@@ -199,7 +198,8 @@ mod x86 {
     #[inline(always)]
     unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
         let tmp = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
-        let both = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4));
+        let both =
+            _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4));
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 
@@ -262,10 +262,8 @@ mod x86 {
                     let a = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
                     let b = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
                     // |a| as u8 times b with a's sign: the same products as a * b.
-                    let p = _mm256_cvtepi32_ps($dot(
-                        _mm256_sign_epi8(a, a),
-                        _mm256_sign_epi8(b, a),
-                    ));
+                    let p =
+                        _mm256_cvtepi32_ps($dot(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a)));
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(h(w.d) * x.d), p, acc);
                 }
                 hsum(acc)
@@ -523,7 +521,10 @@ impl QMatrix {
         let bpr = self.cols / QK;
         match &self.blocks {
             Blocks::Q4_1(v) => {
-                for (b, o) in v[r * bpr..(r + 1) * bpr].iter().zip(out.chunks_exact_mut(QK)) {
+                for (b, o) in v[r * bpr..(r + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
                     let (d, m) = (b.d.to_f32(), b.m.to_f32());
                     for j in 0..QK / 2 {
                         o[j] = d * (b.qs[j] & 0x0f) as f32 + m;
@@ -532,7 +533,10 @@ impl QMatrix {
                 }
             }
             Blocks::Q8_0(v) => {
-                for (b, o) in v[r * bpr..(r + 1) * bpr].iter().zip(out.chunks_exact_mut(QK)) {
+                for (b, o) in v[r * bpr..(r + 1) * bpr]
+                    .iter()
+                    .zip(out.chunks_exact_mut(QK))
+                {
                     let d = b.d.to_f32();
                     for (o, &q) in o.iter_mut().zip(&b.qs) {
                         *o = d * q as f32;
@@ -551,7 +555,11 @@ impl QMatrix {
     /// [`QMatrix::matmul`] with a given instruction set (one of [`available_isas`]).
     pub fn matmul_with(&self, isa: QIsa, x: &[f32], out: &mut [f32]) {
         let k = self.cols;
-        assert_eq!(x.len() % k, 0, "QMatrix::matmul: input length vs {k} columns");
+        assert_eq!(
+            x.len() % k,
+            0,
+            "QMatrix::matmul: input length vs {k} columns"
+        );
         let m = x.len() / k;
         assert_eq!(out.len(), m * self.rows, "QMatrix::matmul: output length");
         let bpr = k / QK;
@@ -585,14 +593,93 @@ impl QMatrix {
         // Below ~64k multiply-adds the pool's hand-off costs more than it saves.
         if rows * k * m < 1 << 16 {
             work(0..rows);
-        } else {
+        } else if use_candle_pool() {
             // Chunks of at least 16 rows keep the per-chunk cursor cost small.
             let grain = 16;
             candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(grain), |c| {
                 work(c.start * grain..rows.min(c.end * grain))
             });
+        } else {
+            use rayon::prelude::*;
+            // About 4 chunks per thread, at least 16 rows each.
+            let grain = rows.div_ceil(4 * rayon::current_num_threads()).max(16);
+            (0..rows.div_ceil(grain))
+                .into_par_iter()
+                .for_each(|c| work(c * grain..rows.min((c + 1) * grain)));
         }
     }
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({:?}, [{}, {}])",
+            self.format(),
+            self.rows,
+            self.cols
+        )
+    }
+}
+
+/// The candle op behind [`quant_linear`] (forward only).
+struct QLinearOp<'a>(&'a QMatrix);
+
+impl candle_core::CustomOp1 for QLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "quant-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = s else {
+            candle_core::bail!("quant_linear: the input must be f32")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("quant_linear: the input must be contiguous")
+        };
+        let x = &v[a..b];
+        let m = x.len() / self.0.cols;
+        let mut out = vec![0f32; m * self.0.rows];
+        self.0.matmul(x, &mut out);
+        let mut dims = l.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = self.0.rows;
+        }
+        Ok((candle_core::CpuStorage::F32(out), dims.into()))
+    }
+}
+
+/// `x @ W^T` for an f32 CPU tensor `x` `[.., cols]` and a quantized `W` `[rows, cols]`:
+/// `[.., rows]`. Inference only (the result carries no gradient).
+pub fn quant_linear(
+    x: &candle_core::Tensor,
+    w: &QMatrix,
+) -> candle_core::Result<candle_core::Tensor> {
+    let dims = x.dims();
+    if dims.last() != Some(&w.cols) {
+        candle_core::bail!(
+            "quant_linear: input {dims:?} does not match weight [{}, {}]",
+            w.rows,
+            w.cols
+        )
+    }
+    if !x.device().is_cpu() {
+        candle_core::bail!("quant_linear: quantized weights run on the CPU only")
+    }
+    let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    x.apply_op1_no_bwd(&QLinearOp(w))
+}
+
+/// Whether the products run on candle's spinning worker pool (`LLMTUNE_QUANT_POOL=candle`)
+/// instead of rayon's (the default). The spinning pool hands work over faster on idle cores
+/// but loses badly when the cores are shared with other processes.
+fn use_candle_pool() -> bool {
+    static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CANDLE.get_or_init(|| std::env::var("LLMTUNE_QUANT_POOL").is_ok_and(|v| v == "candle"))
 }
 
 struct SendPtr(*mut f32);

@@ -5,8 +5,8 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llmtune_ops::quant::{
-    available_isas, block_dot_q4_1, block_dot_q8_0, dot_q4_1, dot_q4_1_scalar, dot_q8_0, dot_q8_0_scalar, lane_dots,
-    quantize_row_q8, BlockQ8, QFormat, QIsa, QMatrix, QK,
+    available_isas, block_dot_q4_1, block_dot_q8_0, dot_q4_1, dot_q4_1_scalar, dot_q8_0,
+    dot_q8_0_scalar, lane_dots, quantize_row_q8, BlockQ8, QFormat, QIsa, QMatrix, QK,
 };
 
 /// A small deterministic generator (xorshift), so the tests need no extra crates.

@@ -20,7 +20,7 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use llmtune_data::template::Template;
 
-use crate::args::load_merged;
+use crate::args::load_merged_with;
 
 /// Merge adapters into the base and export the model (HF layout).
 #[derive(clap::Args, Debug)]
@@ -102,7 +102,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
         other => anyhow::bail!("--export_dtype {other}: expected float32, bfloat16 or float16"),
     };
     let max_shard = parse_size(&a.max_shard_size)?;
-    let (mut p, name) = load_merged(&a.model_name_or_path, &a.checkpoint_dir)?;
+    let (mut p, name) = load_merged_with(&a.model_name_or_path, &a.checkpoint_dir, false)?;
     // Llama-family models get a config.json and tokenizer.json written from what was loaded;
     // ChatGLM keeps the files of its folder (config.json with `auto_map`, the remote code,
     // the SentencePiece model).
