@@ -240,7 +240,7 @@ mod x86 {
     }
 
     macro_rules! kernels {
-        ($q41:ident, $q80:ident, $feat:literal, $dot:ident) => {
+        ($q41:ident, $q80:ident, $q41x2:ident, $q80x2:ident, $feat:literal, $dot:ident) => {
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $q41(w: &[BlockQ4_1], x: &[BlockQ8]) -> f32 {
                 let mut acc = _mm256_setzero_ps();
@@ -253,6 +253,68 @@ mod x86 {
                     summs += h(w.m) * x.s;
                 }
                 hsum(acc) + summs
+            }
+
+            /// Two rows against the same activations: one conversion of the four f16
+            /// scales, one activation load, two independent accumulators.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $q41x2(
+                w0: &[BlockQ4_1],
+                w1: &[BlockQ4_1],
+                x: &[BlockQ8],
+            ) -> [f32; 2] {
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                let mut summs = _mm_setzero_ps();
+                for ((a, b), x) in w0.iter().zip(w1).zip(x) {
+                    let y = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+                    // [d0, m0, d1, m1] * [dx, sx, dx, sx]
+                    let dm = _mm_insert_epi32::<1>(
+                        _mm_cvtsi32_si128(std::ptr::read_unaligned(
+                            a as *const BlockQ4_1 as *const i32,
+                        )),
+                        std::ptr::read_unaligned(b as *const BlockQ4_1 as *const i32),
+                    );
+                    let xs = _mm_castpd_ps(_mm_load1_pd(x as *const BlockQ8 as *const f64));
+                    let prod = _mm_mul_ps(_mm_cvtph_ps(dm), xs);
+                    summs = _mm_add_ps(summs, prod);
+                    let p0 = _mm256_cvtepi32_ps($dot(nibbles(&a.qs), y));
+                    let p1 = _mm256_cvtepi32_ps($dot(nibbles(&b.qs), y));
+                    acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), p0, acc0);
+                    acc1 =
+                        _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehl_ps(prod, prod)), p1, acc1);
+                }
+                let mut sm = [0f32; 4];
+                _mm_storeu_ps(sm.as_mut_ptr(), summs);
+                [hsum(acc0) + sm[1], hsum(acc1) + sm[3]]
+            }
+
+            /// Two rows against the same activations.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $q80x2(
+                w0: &[BlockQ8_0],
+                w1: &[BlockQ8_0],
+                x: &[BlockQ8],
+            ) -> [f32; 2] {
+                let mut acc0 = _mm256_setzero_ps();
+                let mut acc1 = _mm256_setzero_ps();
+                for ((a, b), x) in w0.iter().zip(w1).zip(x) {
+                    let y = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+                    let d = _mm_insert_epi16::<1>(
+                        _mm_cvtsi32_si128(a.d.to_bits() as i32),
+                        b.d.to_bits() as i32,
+                    );
+                    let prod = _mm_mul_ps(_mm_cvtph_ps(d), _mm_set1_ps(x.d));
+                    let qa = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                    let qb = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+                    let p0 =
+                        _mm256_cvtepi32_ps($dot(_mm256_sign_epi8(qa, qa), _mm256_sign_epi8(y, qa)));
+                    let p1 =
+                        _mm256_cvtepi32_ps($dot(_mm256_sign_epi8(qb, qb), _mm256_sign_epi8(y, qb)));
+                    acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(prod), p0, acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(prod)), p1, acc1);
+                }
+                [hsum(acc0), hsum(acc1)]
             }
 
             #[target_feature(enable = $feat)]
@@ -271,16 +333,27 @@ mod x86 {
         };
     }
 
-    kernels!(q4_1_avx2, q8_0_avx2, "avx2,fma,f16c", dot_u8i8_avx2);
+    kernels!(
+        q4_1_avx2,
+        q8_0_avx2,
+        q4_1x2_avx2,
+        q8_0x2_avx2,
+        "avx2,fma,f16c",
+        dot_u8i8_avx2
+    );
     kernels!(
         q4_1_avxvnni,
         q8_0_avxvnni,
+        q4_1x2_avxvnni,
+        q8_0x2_avxvnni,
         "avx2,fma,f16c,avxvnni",
         dot_u8i8_avxvnni
     );
     kernels!(
         q4_1_avx512vnni,
         q8_0_avx512vnni,
+        q4_1x2_avx512vnni,
+        q8_0x2_avx512vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         dot_u8i8_avx512vnni
     );
@@ -376,6 +449,44 @@ pub fn dot_q8_0(isa: QIsa, w: &[BlockQ8_0], x: &[BlockQ8]) -> f32 {
         }
     }
     dot_q8_0_scalar(w, x)
+}
+
+/// Two outputs of `Q4_1 x Q8` (rows `w0`, `w1`, the same activations) with `isa`.
+pub fn dot2_q4_1(isa: QIsa, w0: &[BlockQ4_1], w1: &[BlockQ4_1], x: &[BlockQ8]) -> [f32; 2] {
+    assert!(
+        w0.len() == x.len() && w1.len() == x.len(),
+        "dot2_q4_1: block counts differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as above.
+    unsafe {
+        match isa {
+            QIsa::Avx512Vnni => return x86::q4_1x2_avx512vnni(w0, w1, x),
+            QIsa::AvxVnni => return x86::q4_1x2_avxvnni(w0, w1, x),
+            QIsa::Avx2 => return x86::q4_1x2_avx2(w0, w1, x),
+            QIsa::Scalar => {}
+        }
+    }
+    [dot_q4_1_scalar(w0, x), dot_q4_1_scalar(w1, x)]
+}
+
+/// Two outputs of `Q8_0 x Q8` with `isa`.
+pub fn dot2_q8_0(isa: QIsa, w0: &[BlockQ8_0], w1: &[BlockQ8_0], x: &[BlockQ8]) -> [f32; 2] {
+    assert!(
+        w0.len() == x.len() && w1.len() == x.len(),
+        "dot2_q8_0: block counts differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as above.
+    unsafe {
+        match isa {
+            QIsa::Avx512Vnni => return x86::q8_0x2_avx512vnni(w0, w1, x),
+            QIsa::AvxVnni => return x86::q8_0x2_avxvnni(w0, w1, x),
+            QIsa::Avx2 => return x86::q8_0x2_avx2(w0, w1, x),
+            QIsa::Scalar => {}
+        }
+    }
+    [dot_q8_0_scalar(w0, x), dot_q8_0_scalar(w1, x)]
 }
 
 // ---------------------------------------------------------------------------------------
@@ -579,15 +690,27 @@ impl QMatrix {
         let xq = &xq;
         let work = |range: std::ops::Range<usize>| {
             let out_ptr = &out_ptr;
-            for r in range {
+            // Rows in pairs (one activation load for two rows), then a last odd row.
+            let mut r = range.start;
+            while r < range.end {
+                let pair = r + 1 < range.end;
                 for (i, xr) in xq.chunks_exact(bpr).enumerate() {
-                    let v = match &self.blocks {
-                        Blocks::Q4_1(b) => dot_q4_1(isa, &b[r * bpr..(r + 1) * bpr], xr),
-                        Blocks::Q8_0(b) => dot_q8_0(isa, &b[r * bpr..(r + 1) * bpr], xr),
+                    let (r0, r1) = (r * bpr..(r + 1) * bpr, (r + 1) * bpr..(r + 2) * bpr);
+                    let v: [f32; 2] = match &self.blocks {
+                        Blocks::Q4_1(b) if pair => dot2_q4_1(isa, &b[r0], &b[r1], xr),
+                        Blocks::Q8_0(b) if pair => dot2_q8_0(isa, &b[r0], &b[r1], xr),
+                        Blocks::Q4_1(b) => [dot_q4_1(isa, &b[r0], xr), 0.0],
+                        Blocks::Q8_0(b) => [dot_q8_0(isa, &b[r0], xr), 0.0],
                     };
                     // SAFETY: each (i, r) is written by exactly one work item.
-                    unsafe { *out_ptr.0.add(i * rows + r) = v };
+                    unsafe {
+                        *out_ptr.0.add(i * rows + r) = v[0];
+                        if pair {
+                            *out_ptr.0.add(i * rows + r + 1) = v[1];
+                        }
+                    }
                 }
+                r += if pair { 2 } else { 1 };
             }
         };
         // Below ~64k multiply-adds the pool's hand-off costs more than it saves.
