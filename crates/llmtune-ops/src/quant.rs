@@ -81,6 +81,108 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     blocks: Blocks,
+    /// The same weights repacked for AVX-512-VNNI: 16 rows interleaved per block of 32
+    /// columns (built when this CPU has it and `rows % 16 == 0`).
+    tiles: Option<Tiles>,
+}
+
+/// Rows per tile of the repacked layout.
+pub const TILE: usize = 16;
+
+/// 16 rows x 32 columns of Q4_1: `qs[64 g + 4 r + j]` holds weight `4 g + j` of row `r`
+/// in its low nibble and weight `4 (g + 4) + j` in its high nibble (`g` in `0..4`), so that
+/// one `vpdpbusd` against 4 broadcast activation bytes gives 16 rows' partial sums.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct TileQ4_1 {
+    qs: [u8; 256],
+    d: [f16; TILE],
+    m: [f16; TILE],
+}
+
+/// 16 rows x 32 columns of Q8_0: `qs[64 g + 4 r + j]` is weight `4 g + j` of row `r`
+/// (`g` in `0..8`); `wsum[r]` is the sum of row `r`'s 32 weights (the activations enter
+/// `vpdpbusd` as unsigned bytes `x + 128`, and `128 * wsum` is taken back off).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct TileQ8_0 {
+    qs: [i8; 512],
+    wsum: [i32; TILE],
+    d: [f16; TILE],
+}
+
+#[derive(Clone)]
+enum Tiles {
+    Q4_1(Vec<TileQ4_1>),
+    Q8_0(Vec<TileQ8_0>),
+}
+
+fn nibble(b: &BlockQ4_1, k: usize) -> u8 {
+    if k < QK / 2 {
+        b.qs[k] & 0x0f
+    } else {
+        b.qs[k - QK / 2] >> 4
+    }
+}
+
+/// Tile `t`, column block `b` index: tiles are stored tile-major (`t * bpr + b`).
+fn pack_tiles(blocks: &Blocks, rows: usize, cols: usize) -> Option<Tiles> {
+    if rows % TILE != 0 || detect_isa() != QIsa::Avx512Vnni {
+        return None;
+    }
+    let bpr = cols / QK;
+    let n_tiles = rows / TILE;
+    Some(match blocks {
+        Blocks::Q4_1(v) => {
+            let mut out = Vec::with_capacity(n_tiles * bpr);
+            for t in 0..n_tiles {
+                for b in 0..bpr {
+                    let mut tile = TileQ4_1 {
+                        qs: [0; 256],
+                        d: [f16::ZERO; TILE],
+                        m: [f16::ZERO; TILE],
+                    };
+                    for r in 0..TILE {
+                        let blk = &v[(t * TILE + r) * bpr + b];
+                        tile.d[r] = blk.d;
+                        tile.m[r] = blk.m;
+                        for g in 0..4 {
+                            for j in 0..4 {
+                                tile.qs[64 * g + 4 * r + j] =
+                                    nibble(blk, 4 * g + j) | (nibble(blk, 4 * (g + 4) + j) << 4);
+                            }
+                        }
+                    }
+                    out.push(tile);
+                }
+            }
+            Tiles::Q4_1(out)
+        }
+        Blocks::Q8_0(v) => {
+            let mut out = Vec::with_capacity(n_tiles * bpr);
+            for t in 0..n_tiles {
+                for b in 0..bpr {
+                    let mut tile = TileQ8_0 {
+                        qs: [0; 512],
+                        wsum: [0; TILE],
+                        d: [f16::ZERO; TILE],
+                    };
+                    for r in 0..TILE {
+                        let blk = &v[(t * TILE + r) * bpr + b];
+                        tile.d[r] = blk.d;
+                        tile.wsum[r] = blk.qs.iter().map(|&q| q as i32).sum();
+                        for g in 0..8 {
+                            for j in 0..4 {
+                                tile.qs[64 * g + 4 * r + j] = blk.qs[4 * g + j];
+                            }
+                        }
+                    }
+                    out.push(tile);
+                }
+            }
+            Tiles::Q8_0(out)
+        }
+    })
 }
 
 /// Quantizes `x` (a multiple of 32 long) to 8-bit blocks as GGML's `quantize_row_q8_1`:
@@ -358,6 +460,69 @@ mod x86 {
         dot_u8i8_avx512vnni
     );
 
+    /// 16 outputs of one Q4_1 tile row-group against activation blocks `x`
+    /// (`tiles` = the tile's `bpr` column blocks).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn tile_q4_1(tiles: &[super::TileQ4_1], x: &[BlockQ8], out: &mut [f32; 16]) {
+        let mut res = _mm512_setzero_ps();
+        let low = _mm512_set1_epi8(0x0f);
+        for (t, xb) in tiles.iter().zip(x) {
+            let xq = xb.qs.as_ptr() as *const i32;
+            let mut a0 = _mm512_setzero_si512();
+            let mut a1 = _mm512_setzero_si512();
+            for g in 0..4 {
+                let p = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g) as *const _);
+                let lo = _mm512_and_si512(p, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(p), low);
+                a0 = _mm512_dpbusd_epi32(
+                    a0,
+                    lo,
+                    _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g))),
+                );
+                a1 = _mm512_dpbusd_epi32(
+                    a1,
+                    hi,
+                    _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g + 4))),
+                );
+            }
+            let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(t.m.as_ptr() as *const __m256i));
+            res = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xb.d)), acc, res);
+            res = _mm512_fmadd_ps(m, _mm512_set1_ps(xb.s), res);
+        }
+        _mm512_storeu_ps(out.as_mut_ptr(), res);
+    }
+
+    /// 16 outputs of one Q8_0 tile row-group against activation blocks `x`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn tile_q8_0(tiles: &[super::TileQ8_0], x: &[BlockQ8], out: &mut [f32; 16]) {
+        let mut res = _mm512_setzero_ps();
+        for (t, xb) in tiles.iter().zip(x) {
+            let xq = xb.qs.as_ptr() as *const i32;
+            let mut a0 = _mm512_setzero_si512();
+            let mut a1 = _mm512_setzero_si512();
+            for g in (0..8).step_by(2) {
+                // x + 128 as unsigned bytes: flip each byte's sign bit.
+                let x0 = std::ptr::read_unaligned(xq.add(g)) ^ 0x8080_8080u32 as i32;
+                let x1 = std::ptr::read_unaligned(xq.add(g + 1)) ^ 0x8080_8080u32 as i32;
+                let w0 = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g) as *const _);
+                let w1 = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g + 64) as *const _);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x0), w0);
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x1), w1);
+            }
+            let ws = _mm512_loadu_si512(t.wsum.as_ptr() as *const _);
+            let acc = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), _mm512_slli_epi32::<7>(ws));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+            res = _mm512_fmadd_ps(
+                _mm512_mul_ps(d, _mm512_set1_ps(xb.d)),
+                _mm512_cvtepi32_ps(acc),
+                res,
+            );
+        }
+        _mm512_storeu_ps(out.as_mut_ptr(), res);
+    }
+
     /// `u8 x i8` dot products of 32 bytes into 8 i32 lanes, through each ISA's instruction
     /// (for the tests: every ISA must give the same integers).
     pub(super) fn lanes(isa: super::QIsa, u: &[u8; 32], s: &[i8; 32]) -> [i32; 8] {
@@ -545,7 +710,13 @@ impl QMatrix {
                     .collect(),
             ),
         };
-        Ok(Self { rows, cols, blocks })
+        let tiles = pack_tiles(&blocks, rows, cols);
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            tiles,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -577,6 +748,12 @@ impl QMatrix {
         }
     }
 
+    /// Whether the repacked AVX-512-VNNI layout was built (this CPU has it and the row count
+    /// is a multiple of 16).
+    pub fn has_tiles(&self) -> bool {
+        self.tiles.is_some()
+    }
+
     /// Bytes the blocks take.
     pub fn size_in_bytes(&self) -> usize {
         self.rows * self.cols / QK * self.format().block_bytes()
@@ -598,6 +775,7 @@ impl QMatrix {
         Self {
             rows: self.rows,
             cols: self.cols,
+            tiles: pack_tiles(&blocks, self.rows, self.cols),
             blocks,
         }
     }
@@ -688,6 +866,37 @@ impl QMatrix {
         let rows = self.rows;
         let out_ptr = SendPtr(out.as_mut_ptr());
         let xq = &xq;
+        #[cfg(target_arch = "x86_64")]
+        if let (QIsa::Avx512Vnni, Some(tiles)) = (isa, &self.tiles) {
+            // Repacked layout: work items are tiles of 16 rows.
+            let work = |range: std::ops::Range<usize>| {
+                let out_ptr = &out_ptr;
+                let mut o = [0f32; TILE];
+                for t in range {
+                    for (i, xr) in xq.chunks_exact(bpr).enumerate() {
+                        // SAFETY: tiles exist only where the CPU has AVX-512-VNNI.
+                        unsafe {
+                            match tiles {
+                                Tiles::Q4_1(v) => {
+                                    x86::tile_q4_1(&v[t * bpr..(t + 1) * bpr], xr, &mut o)
+                                }
+                                Tiles::Q8_0(v) => {
+                                    x86::tile_q8_0(&v[t * bpr..(t + 1) * bpr], xr, &mut o)
+                                }
+                            }
+                            // Each (i, tile) is written by exactly one work item.
+                            std::ptr::copy_nonoverlapping(
+                                o.as_ptr(),
+                                out_ptr.0.add(i * rows + t * TILE),
+                                TILE,
+                            );
+                        }
+                    }
+                }
+            };
+            par_items(rows / TILE, rows * k * m, work);
+            return;
+        }
         let work = |range: std::ops::Range<usize>| {
             let out_ptr = &out_ptr;
             // Rows in pairs (one activation load for two rows), then a last odd row.
@@ -713,23 +922,30 @@ impl QMatrix {
                 r += if pair { 2 } else { 1 };
             }
         };
-        // Below ~64k multiply-adds the pool's hand-off costs more than it saves.
-        if rows * k * m < 1 << 16 {
-            work(0..rows);
-        } else if use_candle_pool() {
-            // Chunks of at least 16 rows keep the per-chunk cursor cost small.
-            let grain = 16;
-            candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(grain), |c| {
-                work(c.start * grain..rows.min(c.end * grain))
-            });
-        } else {
-            use rayon::prelude::*;
-            // About 4 chunks per thread, at least 16 rows each.
-            let grain = rows.div_ceil(4 * rayon::current_num_threads()).max(16);
-            (0..rows.div_ceil(grain))
-                .into_par_iter()
-                .for_each(|c| work(c * grain..rows.min((c + 1) * grain)));
-        }
+        // Work items of 16 rows.
+        par_items(
+            rows.div_ceil(TILE),
+            rows * k * m,
+            |c: std::ops::Range<usize>| work(c.start * TILE..rows.min(c.end * TILE)),
+        );
+    }
+}
+
+/// Calls `work` over disjoint ranges covering `0..n` items, on the worker pool when the
+/// product is large enough (`macs` multiply-adds).
+fn par_items(n: usize, macs: usize, work: impl Fn(std::ops::Range<usize>) + Sync + Send) {
+    // Below ~64k multiply-adds the pool's hand-off costs more than it saves.
+    if macs < 1 << 16 || n <= 1 {
+        work(0..n);
+    } else if use_candle_pool() {
+        candle_core::utils::barrier_pool().execute_chunked(n, work);
+    } else {
+        use rayon::prelude::*;
+        // About 4 chunks per thread.
+        let grain = n.div_ceil(4 * rayon::current_num_threads()).max(1);
+        (0..n.div_ceil(grain))
+            .into_par_iter()
+            .for_each(|c| work(c * grain..n.min((c + 1) * grain)));
     }
 }
 

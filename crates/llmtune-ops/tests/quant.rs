@@ -210,3 +210,42 @@ fn permute_rows_and_dequantize_row() {
     p.dequantize_row(2, &mut row);
     assert_eq!(&row[..], &a[192..256]);
 }
+
+#[test]
+fn tiled_layout_matches_scalar() {
+    // 48 rows: three 16-row tiles (repacked on CPUs with AVX-512-VNNI).
+    let isas = available_isas();
+    for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
+        for cols in [32usize, 576] {
+            let (n, m) = (48usize, 3usize);
+            let w = quantized(fmt, n, cols, 21 + cols as u64);
+            assert_eq!(w.has_tiles(), isas.contains(&QIsa::Avx512Vnni));
+            let mut r = Rng(31);
+            let x: Vec<f32> = (0..m * cols).map(|_| r.f32()).collect();
+            let mut want = vec![0f32; m * n];
+            w.matmul_with(QIsa::Scalar, &x, &mut want);
+            // Float rounding bound from the f64 sum of |w| |x_q|.
+            let deq = w.dequantize();
+            for &isa in &isas {
+                let mut got = vec![0f32; m * n];
+                w.matmul_with(isa, &x, &mut got);
+                for i in 0..m {
+                    let xq = act(&x[i * cols..(i + 1) * cols]);
+                    for (rr, row) in deq.chunks_exact(cols).enumerate() {
+                        let mut abs = 0f64;
+                        for (b, wb) in xq.iter().zip(row.chunks_exact(QK)) {
+                            for (q, wv) in b.qs.iter().zip(wb) {
+                                abs += (*wv as f64 * b.d as f64 * *q as f64).abs();
+                            }
+                        }
+                        let (g, e) = (got[i * n + rr], want[i * n + rr]);
+                        assert!(
+                            ((g - e).abs() as f64) <= 1e-6 * abs.max(1e-3) + 1e-7,
+                            "{fmt:?} {cols} {isa:?} row {rr} input {i}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
