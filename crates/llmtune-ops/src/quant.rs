@@ -186,7 +186,7 @@ fn pack_tiles(blocks: &Blocks, rows: usize, cols: usize) -> Option<Tiles> {
 }
 
 /// Quantizes `x` (a multiple of 32 long) to 8-bit blocks as GGML's `quantize_row_q8_1`:
-/// `d = max|x| / 127`, `q = round(x / d)`, `s = d * sum(q)`.
+/// `d = max|x| / 127`, `q = round(x / d)` (half to even), `s = d * sum(q)`.
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     debug_assert_eq!(x.len(), out.len() * QK);
     for (chunk, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
@@ -195,7 +195,9 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(chunk) {
-            let r = (v * id).round() as i32;
+            // Round half to even without a libm call (|v * id| <= 127 < 2^22), as GGML's
+            // SIMD quantizers do.
+            let r = ((v * id + 12_582_912.0) - 12_582_912.0) as i32;
             *q = r as i8;
             sum += r;
         }
@@ -940,12 +942,24 @@ fn par_items(n: usize, macs: usize, work: impl Fn(std::ops::Range<usize>) + Sync
     } else if use_candle_pool() {
         candle_core::utils::barrier_pool().execute_chunked(n, work);
     } else {
-        use rayon::prelude::*;
-        // About 4 chunks per thread.
-        let grain = n.div_ceil(4 * rayon::current_num_threads()).max(1);
-        (0..n.div_ceil(grain))
-            .into_par_iter()
-            .for_each(|c| work(c * grain..n.min((c + 1) * grain)));
+        // One part per rayon thread; the calling thread works on the first part itself
+        // instead of sleeping until the pool is done (one hand-off per product).
+        let parts = rayon::current_num_threads().min(n);
+        if parts <= 1 {
+            work(0..n);
+            return;
+        }
+        let per = n.div_ceil(parts);
+        let work = &work;
+        rayon::in_place_scope(|s| {
+            for p in 1..parts {
+                let r = p * per..n.min((p + 1) * per);
+                if !r.is_empty() {
+                    s.spawn(move |_| work(r));
+                }
+            }
+            work(0..per.min(n));
+        });
     }
 }
 
