@@ -127,7 +127,7 @@ fn nibble(b: &BlockQ4_1, k: usize) -> u8 {
 
 /// Tile `t`, column block `b` index: tiles are stored tile-major (`t * bpr + b`).
 fn pack_tiles(blocks: &Blocks, rows: usize, cols: usize) -> Option<Tiles> {
-    if rows % TILE != 0 || detect_isa() != QIsa::Avx512Vnni {
+    if !rows.is_multiple_of(TILE) || detect_isa() != QIsa::Avx512Vnni {
         return None;
     }
     let bpr = cols / QK;
@@ -532,17 +532,17 @@ mod x86 {
         // SAFETY: callers pass only ISAs the CPU has (see `available_isas`).
         unsafe {
             match isa {
-                super::QIsa::Avx2 => {
-                    std::mem::transmute(dot_u8i8_avx2(_mm256_loadu_si256(u), _mm256_loadu_si256(s)))
-                }
-                super::QIsa::AvxVnni => std::mem::transmute(dot_u8i8_avxvnni(
+                super::QIsa::Avx2 => std::mem::transmute::<__m256i, [i32; 8]>(dot_u8i8_avx2(
                     _mm256_loadu_si256(u),
                     _mm256_loadu_si256(s),
                 )),
-                super::QIsa::Avx512Vnni => std::mem::transmute(dot_u8i8_avx512vnni(
+                super::QIsa::AvxVnni => std::mem::transmute::<__m256i, [i32; 8]>(dot_u8i8_avxvnni(
                     _mm256_loadu_si256(u),
                     _mm256_loadu_si256(s),
                 )),
+                super::QIsa::Avx512Vnni => std::mem::transmute::<__m256i, [i32; 8]>(
+                    dot_u8i8_avx512vnni(_mm256_loadu_si256(u), _mm256_loadu_si256(s)),
+                ),
                 super::QIsa::Scalar => unreachable!(),
             }
         }
@@ -671,7 +671,7 @@ impl QMatrix {
         cols: usize,
         bytes: &[u8],
     ) -> Result<Self, String> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(format!(
                 "{format:?} matrix [{rows}, {cols}]: the row length is not a multiple of {QK}"
             ));
