@@ -97,16 +97,25 @@ impl GenFlags {
 }
 
 /// Loads `--model_name_or_path` with the `--checkpoint_dir` LoRA adapters merged in (for
-/// inference).
+/// inference). Without adapters a quantized GGUF keeps its quantized weights
+/// ([`llmtune_models::load_for_inference`]); with adapters it is dequantized to f32 so that
+/// they can be merged.
 pub fn load_merged(
     model: &Option<String>,
     checkpoint_dir: &Option<String>,
 ) -> anyhow::Result<(llmtune_models::Pretrained, String)> {
+    load_merged_with(model, checkpoint_dir, true)
+}
+
+/// [`load_merged`]; `inference: false` always loads unquantized weights (export).
+pub fn load_merged_with(
+    model: &Option<String>,
+    checkpoint_dir: &Option<String>,
+    inference: bool,
+) -> anyhow::Result<(llmtune_models::Pretrained, String)> {
     use anyhow::Context;
     let name = model_or_default(model);
     let dev = device()?;
-    let mut p = llmtune_models::load_pretrained(&name, compute_dtype(&dev), &dev)
-        .with_context(|| format!("loading --model_name_or_path {name}"))?;
     let dirs: Vec<String> = checkpoint_dir
         .as_deref()
         .map(|d| {
@@ -116,6 +125,15 @@ pub fn load_merged(
                 .collect()
         })
         .unwrap_or_default();
+    // Without adapters to merge, a quantized GGUF runs on its quantized weights; merging
+    // needs the dequantized f32 weights.
+    let load = if dirs.is_empty() && inference {
+        llmtune_models::load_for_inference
+    } else {
+        llmtune_models::load_pretrained
+    };
+    let mut p = load(&name, compute_dtype(&dev), &dev)
+        .with_context(|| format!("loading --model_name_or_path {name}"))?;
     if !dirs.is_empty() {
         let mut ck = llmtune_adapters::apply_checkpoints(&mut p.model, &dirs, false, false)
             .context("--checkpoint_dir")?;

@@ -1,14 +1,20 @@
 //! GGUF models (`llama` and `qwen2` architectures): config from metadata, tensors
 //! dequantized to f32 under their HF names, and the tokenizer from `tokenizer.ggml.*`.
 //!
+//! [`load_gguf_quantized`] keeps the `Q4_1` and `Q8_0` matrices of the linear layers (and of
+//! a tied LM head) in their blocks for the inference-only quantized path
+//! ([`llmtune_ops::quant`]); everything else is dequantized as before.
+//!
 //! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for the `llama` architecture
 //! (to interleaved rotary pairs); we undo it so the weights match the HF layout.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::{DType, Device, Tensor};
+use llmtune_ops::quant::{QFormat, QMatrix};
 use llmtune_tokenize::gguf::GgufVocab;
 
 use crate::config::LlamaConfig;
@@ -22,6 +28,9 @@ pub struct GgufModel {
     pub vocab: GgufVocab,
     /// `tokenizer.chat_template`, if any.
     pub chat_template: Option<String>,
+    /// Matrices kept quantized by [`load_gguf_quantized`] (HF names); their entries in
+    /// `weights` are placeholders holding no memory. Empty from [`load_gguf`].
+    pub quant: HashMap<String, Arc<QMatrix>>,
 }
 
 fn hf_name(gguf: &str) -> Option<String> {
@@ -64,6 +73,36 @@ fn unpermute(t: &Tensor, n_head: usize) -> Result<Tensor> {
     shape.extend(&rest);
     let t = t.reshape(shape)?.transpose(1, 2)?.contiguous()?;
     Ok(t.reshape(dims)?)
+}
+
+/// The row permutation [`unpermute`] applies: row `i` of the HF layout is row `perm[i]` of
+/// the GGUF one.
+fn unpermute_rows(rows: usize, n_head: usize) -> Vec<usize> {
+    let hd = rows / n_head;
+    let half = hd / 2;
+    (0..rows)
+        .map(|i| {
+            let (h, r) = (i / hd, i % hd);
+            let (a, b) = (r / half, r % half);
+            h * hd + b * 2 + a
+        })
+        .collect()
+}
+
+/// Whether the quantized path keeps this tensor (an HF weight name) in its blocks.
+fn keeps_quantized(hf: &str, tied: bool) -> bool {
+    let linear = [
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+    ];
+    hf == "lm_head.weight"
+        || (tied && hf == "model.embed_tokens.weight")
+        || (hf.starts_with("model.layers.") && linear.iter().any(|l| hf.ends_with(l)))
 }
 
 struct Meta<'a> {
@@ -172,6 +211,17 @@ fn vocab_of(m: &Meta<'_>) -> Result<GgufVocab> {
 
 /// Reads a GGUF file: config, dequantized f32 weights (HF names) and tokenizer vocabulary.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
+    load(path, device, false)
+}
+
+/// As [`load_gguf`], but keeps the `Q4_1`/`Q8_0` matrices of the linear layers and of the LM
+/// head quantized (in [`GgufModel::quant`]) for inference on the CPU; other formats are
+/// dequantized. The tied token embeddings are kept both ways (f32 for the lookups).
+pub fn load_gguf_quantized(path: &Path) -> Result<GgufModel> {
+    load(path, &Device::Cpu, true)
+}
+
+fn load(path: &Path, device: &Device, quantized: bool) -> Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
@@ -223,6 +273,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
     };
 
     let mut tensors = HashMap::new();
+    let mut quant = HashMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -237,6 +288,38 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
                     path: path.to_path_buf(),
                     msg: format!("cannot read tensor {name}: {e}"),
                 })?;
+        let format = match qt.dtype() {
+            GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+            GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+            _ => None,
+        };
+        let dims = qt.shape().dims().to_vec();
+        if let (true, Some(format), &[rows, cols]) = (
+            quantized && keeps_quantized(&hf, !has_output),
+            format,
+            &dims[..],
+        ) {
+            let bytes = qt.data()?;
+            let mut q = QMatrix::from_ggml_bytes(format, rows, cols, &bytes).map_err(|msg| {
+                ModelError::Weights {
+                    path: path.to_path_buf(),
+                    msg: format!("tensor {name}: {msg}"),
+                }
+            })?;
+            if arch == "llama" && hf.ends_with("q_proj.weight") {
+                q = q.permute_rows(&unpermute_rows(rows, n_head));
+            } else if arch == "llama" && hf.ends_with("k_proj.weight") {
+                q = q.permute_rows(&unpermute_rows(rows, n_kv));
+            }
+            if hf != "model.embed_tokens.weight" {
+                // A placeholder of the right shape that holds one float.
+                let p = Tensor::zeros((1, 1), DType::F32, device)?.broadcast_as((rows, cols))?;
+                tensors.insert(hf.clone(), p);
+                quant.insert(hf, Arc::new(q));
+                continue;
+            }
+            quant.insert(hf.clone(), Arc::new(q));
+        }
         let mut t = qt.dequantize(&Device::Cpu)?;
         if arch == "llama" {
             if hf.ends_with("q_proj.weight") || hf.ends_with("q_proj.bias") {
@@ -253,5 +336,6 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
         weights: MapSource::new(tensors, path),
         vocab,
         chat_template: m.string("tokenizer.chat_template"),
+        quant,
     })
 }

@@ -135,6 +135,31 @@ pub fn load_tokenizer(name_or_path: &str) -> Result<(Tokenizer, String)> {
 
 /// Loads a model from a HF folder, a `.gguf` file, or a built-in alias.
 pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
+    load_with(name_or_path, dtype, device, false)
+}
+
+/// Whether `LLMTUNE_GGUF_F32` (any value but `0` or empty) asks for the dequantized f32 path
+/// even where [`load_for_inference`] would keep GGUF weights quantized.
+pub fn gguf_f32_forced() -> bool {
+    std::env::var("LLMTUNE_GGUF_F32").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// As [`load_pretrained`], for inference only (generation, chat, the API server, benches):
+/// a `.gguf` model on the CPU in f32 keeps its `Q4_1`/`Q8_0` linear layers and LM head
+/// quantized and runs them with [`llmtune_ops::quant`] kernels (weights are never
+/// dequantized). Such a model cannot be trained or have adapters merged into it. Other
+/// models, other devices or dtypes, and `LLMTUNE_GGUF_F32=1` load as [`load_pretrained`].
+pub fn load_for_inference(name_or_path: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
+    let quantized = device.is_cpu() && dtype == DType::F32 && !gguf_f32_forced();
+    load_with(name_or_path, dtype, device, quantized)
+}
+
+fn load_with(
+    name_or_path: &str,
+    dtype: DType,
+    device: &Device,
+    quantized: bool,
+) -> Result<Pretrained> {
     let (path, alias) = hub::resolve(name_or_path)?;
     if path.is_file() {
         let is_gguf = path.extension().map(|e| e == "gguf").unwrap_or(false);
@@ -144,9 +169,18 @@ pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Res
                 path.display()
             )));
         }
-        let g = gguf::load_gguf(&path, device)?;
+        let g = if quantized {
+            gguf::load_gguf_quantized(&path)?
+        } else {
+            gguf::load_gguf(&path, device)?
+        };
         let tokenizer = llmtune_tokenize::gguf::tokenizer_from_gguf(&g.vocab, path.clone())?;
-        let model = Llama::load(&g.config, &g.weights, dtype, device)?.into();
+        let mut llama = Llama::load(&g.config, &g.weights, dtype, device)?;
+        let n = llama.attach_quantized(&g.quant)?;
+        if n > 0 {
+            tracing::info!("{}: {n} matrices run quantized", path.display());
+        }
+        let model = llama.into();
         return Ok(Pretrained {
             info: ModelInfo {
                 model_type: g.config.model_type.clone(),

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
+use llmtune_ops::quant::QMatrix;
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
@@ -141,11 +142,16 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
 }
 
 /// `y = x W^T (+ b)`, plus an optional adapter.
+///
+/// With `quant` set (inference from a quantized GGUF), `W` is the quantized matrix and
+/// `weight` is only a placeholder of the right shape that holds no memory (a broadcast zero):
+/// such a layer cannot be trained or merged into.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub adapter: Option<Arc<dyn LinearAdapter>>,
+    pub quant: Option<Arc<QMatrix>>,
 }
 
 impl Linear {
@@ -154,6 +160,7 @@ impl Linear {
             weight,
             bias,
             adapter: None,
+            quant: None,
         }
     }
 
@@ -172,7 +179,16 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = llmtune_ops::linear(x, &self.weight, self.bias.as_ref())?;
+        let y = match &self.quant {
+            Some(q) => {
+                let y = llmtune_ops::quant::quant_linear(x, q)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            None => llmtune_ops::linear(x, &self.weight, self.bias.as_ref())?,
+        };
         match &self.adapter {
             Some(a) => a.apply(x, y),
             None => Ok(y),
@@ -334,6 +350,9 @@ pub struct Llama {
     pub norm: RmsNorm,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
+    /// The tied LM head as a quantized matrix (inference from a quantized GGUF; the f32
+    /// `embed_tokens` still serves the embedding lookups).
+    pub tied_head_quant: Option<Arc<QMatrix>>,
     rotary: Rotary,
     dtype: DType,
     device: Device,
@@ -433,6 +452,7 @@ impl Llama {
             layers,
             norm: norm("model.norm.weight")?,
             lm_head,
+            tied_head_quant: None,
             rotary: Rotary::new(cfg),
             dtype,
             device: device.clone(),
@@ -568,8 +588,72 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(match &self.lm_head {
             Some(h) => h.forward(hidden)?,
-            None => llmtune_ops::linear(hidden, &self.embed_tokens, None)?,
+            None => match &self.tied_head_quant {
+                Some(q) => llmtune_ops::quant::quant_linear(hidden, q)?,
+                None => llmtune_ops::linear(hidden, &self.embed_tokens, None)?,
+            },
         })
+    }
+
+    /// Switches the linear layers named in `quant` (HF weight names such as
+    /// `model.layers.0.self_attn.q_proj.weight`; `model.embed_tokens.weight` for a tied LM
+    /// head) to their quantized matrices. Returns how many layers were switched.
+    pub fn attach_quantized(
+        &mut self,
+        quant: &std::collections::HashMap<String, Arc<QMatrix>>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (name, lin) in self.linears_mut() {
+            if let Some(q) = quant.get(&format!("{name}.weight")) {
+                if [q.rows(), q.cols()] != [lin.out_features(), lin.in_features()] {
+                    return Err(ModelError::Model(format!(
+                        "{name}: quantized weight [{}, {}] for a [{}, {}] layer",
+                        q.rows(),
+                        q.cols(),
+                        lin.out_features(),
+                        lin.in_features()
+                    )));
+                }
+                lin.quant = Some(q.clone());
+                n += 1;
+            }
+        }
+        if self.lm_head.is_none() {
+            if let Some(q) = quant.get("model.embed_tokens.weight") {
+                if [q.rows(), q.cols()] != [self.cfg.vocab_size, self.cfg.hidden_size] {
+                    return Err(ModelError::Model(format!(
+                        "tied LM head: quantized weight [{}, {}], expected [{}, {}]",
+                        q.rows(),
+                        q.cols(),
+                        self.cfg.vocab_size,
+                        self.cfg.hidden_size
+                    )));
+                }
+                self.tied_head_quant = Some(q.clone());
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether any layer runs on quantized weights (an inference-only model).
+    pub fn is_quantized(&self) -> bool {
+        self.tied_head_quant.is_some()
+            || self.layers.iter().any(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .any(|x| x.quant.is_some())
+            })
+            || self.lm_head.as_ref().is_some_and(|h| h.quant.is_some())
     }
 
     /// Full forward: `(logits [b, t, vocab], hidden [b, t, hidden])`.

@@ -34,6 +34,7 @@ mod cpu;
 mod head_xent;
 mod linear;
 mod norm;
+pub mod quant;
 pub mod reference;
 mod rope;
 mod softmax;
@@ -131,7 +132,7 @@ fn rope_impl(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Resul
         return fallback(x, cos, sin);
     }
     let (b, _h, t, d) = x.dims4()?;
-    if d % 2 != 0 {
+    if !d.is_multiple_of(2) {
         candle_core::bail!("rope: odd head dim {d}")
     }
     let shape = (b, t, d / 2);

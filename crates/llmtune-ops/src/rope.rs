@@ -32,7 +32,7 @@ impl Geom {
     fn new(xl: &Layout, cl: &Layout) -> Result<Self> {
         let (b, h, t, d) = xl.shape().dims4()?;
         let (cb, ct, ch) = cl.shape().dims3()?;
-        if d % 2 != 0 || (cb, ct, ch) != (b, t, d / 2) {
+        if !d.is_multiple_of(2) || (cb, ct, ch) != (b, t, d / 2) {
             candle_core::bail!(
                 "rope: x {:?} needs an even head dim and cos/sin [{b}, {t}, {}], got {:?}",
                 xl.dims(),

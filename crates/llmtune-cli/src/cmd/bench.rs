@@ -317,9 +317,18 @@ fn decode(a: DecodeArgs) -> anyhow::Result<ExitCode> {
     let name = model_or_default(&a.model_name_or_path);
     let dev = device()?;
     let t0 = Instant::now();
-    let p = llmtune_models::load_pretrained(&name, compute_dtype(&dev), &dev)
+    let p = llmtune_models::load_for_inference(&name, compute_dtype(&dev), &dev)
         .with_context(|| format!("loading {name}"))?;
-    eprintln!("loaded {name} in {:.2}s", t0.elapsed().as_secs_f64());
+    let quantized = matches!(&p.model, llmtune_models::CausalLm::Llama(m) if m.is_quantized());
+    eprintln!(
+        "loaded {name} in {:.2}s ({})",
+        t0.elapsed().as_secs_f64(),
+        if quantized {
+            "quantized GGUF weights; LLMTUNE_GGUF_F32=1 dequantizes"
+        } else {
+            "unquantized weights"
+        }
+    );
     let text = "The history of the city begins with a small settlement on the river, where";
     let mut ids = p.tokenizer.encode(text, false)?;
     ids.resize(a.prompt_tokens.max(1), ids[0]);
@@ -345,7 +354,7 @@ fn decode(a: DecodeArgs) -> anyhow::Result<ExitCode> {
     let n: usize = out.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
     let decode_s = (total - prefill).max(1e-9);
     println!(
-        "model: {name} batch: {} prompt_tokens: {} new_tokens: {} prefill_s: {prefill:.3} decode_s: {decode_s:.3}",
+        "model: {name} batch: {} prompt_tokens: {} new_tokens: {} quantized: {quantized} prefill_s: {prefill:.3} decode_s: {decode_s:.3}",
         a.batch, a.prompt_tokens, a.new_tokens
     );
     println!("tokens_per_s: {:.2}", n as f64 / decode_s);

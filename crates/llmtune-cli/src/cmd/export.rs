@@ -25,7 +25,7 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use llmtune_data::template::Template;
 
-use crate::args::load_merged;
+use crate::args::load_merged_with;
 
 /// Merge adapters into the base and export the model (HF layout).
 #[derive(clap::Args, Debug)]
@@ -155,7 +155,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     if !gguf_types.is_empty() && source_is_chatglm(&a.model_name_or_path) {
         anyhow::bail!("{CHATGLM_GGUF}");
     }
-    let (mut p, name) = load_merged(&a.model_name_or_path, &a.checkpoint_dir)?;
+    let (mut p, name) = load_merged_with(&a.model_name_or_path, &a.checkpoint_dir, false)?;
     if !gguf_types.is_empty() && p.model.is_chatglm() {
         anyhow::bail!("{CHATGLM_GGUF}");
     }

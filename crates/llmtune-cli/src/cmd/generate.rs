@@ -33,7 +33,7 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> anyhow::Result<ExitCode> {
     let model_name = model_or_default(&a.model_name_or_path);
     let device = device()?;
-    let p = llmtune_models::load_pretrained(&model_name, compute_dtype(&device), &device)
+    let p = llmtune_models::load_for_inference(&model_name, compute_dtype(&device), &device)
         .with_context(|| format!("loading --model_name_or_path {model_name}"))?;
     let template = match &a.template {
         Some(t) => Template::by_name(t)?,

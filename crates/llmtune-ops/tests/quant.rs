@@ -1,0 +1,251 @@
+//! Quantized kernels: every ISA's integer block sums equal the plain-Rust ones exactly, the
+//! float results agree to float rounding, and the matrix product equals an f64 product of
+//! the dequantized weights with the quantized activations.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use llmtune_ops::quant::{
+    available_isas, block_dot_q4_1, block_dot_q8_0, dot_q4_1, dot_q4_1_scalar, dot_q8_0,
+    dot_q8_0_scalar, lane_dots, quantize_row_q8, BlockQ8, QFormat, QIsa, QMatrix, QK,
+};
+
+/// A small deterministic generator (xorshift), so the tests need no extra crates.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+fn quantized(fmt: QFormat, rows: usize, cols: usize, seed: u64) -> QMatrix {
+    let mut r = Rng(seed);
+    let w: Vec<f32> = (0..rows * cols).map(|_| r.f32() * 0.1 + 0.01).collect();
+    let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+    let gd = match fmt {
+        QFormat::Q4_1 => GgmlDType::Q4_1,
+        QFormat::Q8_0 => GgmlDType::Q8_0,
+    };
+    let qt = QTensor::quantize(&t, gd).unwrap();
+    QMatrix::from_ggml_bytes(fmt, rows, cols, &qt.data().unwrap()).unwrap()
+}
+
+fn act(x: &[f32]) -> Vec<BlockQ8> {
+    let mut b = vec![
+        BlockQ8 {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; QK]
+        };
+        x.len() / QK
+    ];
+    quantize_row_q8(x, &mut b);
+    b
+}
+
+#[test]
+fn lane_dots_are_exact_on_every_isa() {
+    let mut r = Rng(7);
+    let isas = available_isas();
+    eprintln!("ISAs on this CPU: {isas:?}");
+    for case in 0..2000 {
+        let mut u = [0u8; 32];
+        let mut s = [0i8; 32];
+        for j in 0..32 {
+            // The kernels' domain: Q4_1 nibbles 0..=15, |Q8_0 weight| 0..=128, activations
+            // -127..=127 (AVX2's 16-bit pair sums cannot saturate there).
+            u[j] = if case % 2 == 0 {
+                (r.next() % 16) as u8
+            } else {
+                (r.next() % 129) as u8
+            };
+            s[j] = ((r.next() % 255) as i32 - 127) as i8;
+        }
+        if case == 0 {
+            u = [128; 32];
+            s = [-127; 32];
+        }
+        let want = lane_dots(QIsa::Scalar, &u, &s);
+        for &isa in &isas {
+            assert_eq!(lane_dots(isa, &u, &s), want, "{isa:?} case {case}");
+        }
+    }
+}
+
+#[test]
+fn q4_1_and_q8_0_dots_match_scalar_on_every_isa() {
+    let isas = available_isas();
+    for (fmt, seed) in [(QFormat::Q4_1, 1u64), (QFormat::Q8_0, 2)] {
+        for cols in [32usize, 576, 1536] {
+            let w = quantized(fmt, 3, cols, seed + cols as u64);
+            let mut r = Rng(99 + cols as u64);
+            let x: Vec<f32> = (0..cols).map(|_| r.f32()).collect();
+            let xq = act(&x);
+            let mut want = vec![0f32; 3];
+            w.matmul_with(QIsa::Scalar, &x, &mut want);
+            // Float rounding bound: relative to the sum of the blocks' absolute terms.
+            let bpr = cols / QK;
+            let scale: Vec<f32> = (0..3)
+                .map(|r| match fmt {
+                    QFormat::Q4_1 => w.q4_1_blocks().unwrap()[r * bpr..(r + 1) * bpr]
+                        .iter()
+                        .zip(&xq)
+                        .map(|(b, a)| {
+                            (b.d.to_f32() * a.d * block_dot_q4_1(b, a) as f32).abs()
+                                + (b.m.to_f32() * a.s).abs()
+                        })
+                        .sum(),
+                    QFormat::Q8_0 => w.q8_0_blocks().unwrap()[r * bpr..(r + 1) * bpr]
+                        .iter()
+                        .zip(&xq)
+                        .map(|(b, a)| (b.d.to_f32() * a.d * block_dot_q8_0(b, a) as f32).abs())
+                        .sum(),
+                })
+                .collect();
+            for &isa in &isas {
+                let mut got = vec![0f32; 3];
+                w.matmul_with(isa, &x, &mut got);
+                for ((g, e), sc) in got.iter().zip(&want).zip(&scale) {
+                    let tol = 1e-6 * sc.max(1e-3);
+                    assert!((g - e).abs() <= tol, "{fmt:?} {cols} {isa:?}: {g} vs {e}");
+                }
+            }
+            // The scalar product equals an f64 sum of dequantized weights times dequantized
+            // activations (the kernels are exact up to float rounding).
+            let deq = w.dequantize();
+            for (row, e) in deq.chunks_exact(cols).zip(&want) {
+                let mut acc = 0f64;
+                for (b, wb) in xq.iter().zip(row.chunks_exact(QK)) {
+                    for (q, wv) in b.qs.iter().zip(wb) {
+                        acc += *wv as f64 * (b.d as f64 * *q as f64);
+                    }
+                }
+                assert!(
+                    (acc - *e as f64).abs() <= 1e-5 * acc.abs().max(1.0),
+                    "{fmt:?} {cols}: scalar {e} vs f64 {acc}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn block_level_entry_points_agree() {
+    let w = quantized(QFormat::Q4_1, 1, 64, 5);
+    let w8 = quantized(QFormat::Q8_0, 1, 64, 6);
+    let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+    let xq = act(&x);
+    // Through the matrix API and through the block API.
+    let mut o = [0f32];
+    w.matmul_with(QIsa::Scalar, &x, &mut o);
+    let blocks = w.q4_1_blocks().unwrap();
+    assert_eq!(dot_q4_1_scalar(blocks, &xq), o[0]);
+    w8.matmul_with(QIsa::Scalar, &x, &mut o);
+    let blocks8 = w8.q8_0_blocks().unwrap();
+    assert_eq!(dot_q8_0_scalar(blocks8, &xq), o[0]);
+    for isa in available_isas() {
+        let a = dot_q4_1(isa, blocks, &xq);
+        let b = dot_q8_0(isa, blocks8, &xq);
+        assert!((a - dot_q4_1_scalar(blocks, &xq)).abs() <= 1e-6 * a.abs().max(1.0));
+        assert!((b - dot_q8_0_scalar(blocks8, &xq)).abs() <= 1e-6 * b.abs().max(1.0));
+    }
+}
+
+#[test]
+fn matmul_batches_and_threads_match_per_row_products() {
+    // Large enough to go through the worker pool; m = 5 rows of input.
+    for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
+        let (n, k, m) = (200usize, 576usize, 5usize);
+        let w = quantized(fmt, n, k, 11);
+        let mut r = Rng(12);
+        let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
+        let mut out = vec![0f32; m * n];
+        w.matmul(&x, &mut out);
+        for i in 0..m {
+            let mut one = vec![0f32; n];
+            w.matmul(&x[i * k..(i + 1) * k], &mut one);
+            assert_eq!(&out[i * n..(i + 1) * n], &one[..], "{fmt:?} row {i}");
+        }
+        // Against candle's dequantized f32 product: only activation quantization differs
+        // (|x| <= 1, 8-bit blocks: relative error about 1/254 per element, random signs).
+        let deq = Tensor::from_vec(w.dequantize(), (n, k), &Device::Cpu).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+        let want: Vec<f32> = xt
+            .matmul(&deq.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let max = want
+            .iter()
+            .zip(&out)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 2e-2, "{fmt:?}: max |quantized - f32| {max}");
+    }
+}
+
+#[test]
+fn bad_sizes_are_clear_errors() {
+    let e = QMatrix::from_ggml_bytes(QFormat::Q4_1, 2, 48, &[0; 60]).unwrap_err();
+    assert!(e.contains("not a multiple of 32"), "{e}");
+    let e = QMatrix::from_ggml_bytes(QFormat::Q8_0, 2, 64, &[0; 100]).unwrap_err();
+    assert!(e.contains("100 bytes, expected 136"), "{e}");
+}
+
+#[test]
+fn permute_rows_and_dequantize_row() {
+    let w = quantized(QFormat::Q4_1, 4, 64, 3);
+    let p = w.permute_rows(&[2, 0, 3, 1]);
+    let (a, b) = (w.dequantize(), p.dequantize());
+    assert_eq!(&b[0..64], &a[128..192]);
+    assert_eq!(&b[64..128], &a[0..64]);
+    let mut row = vec![0f32; 64];
+    p.dequantize_row(2, &mut row);
+    assert_eq!(&row[..], &a[192..256]);
+}
+
+#[test]
+fn tiled_layout_matches_scalar() {
+    // 48 rows: three 16-row tiles (repacked on CPUs with AVX-512-VNNI).
+    let isas = available_isas();
+    for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
+        for cols in [32usize, 576] {
+            let (n, m) = (48usize, 3usize);
+            let w = quantized(fmt, n, cols, 21 + cols as u64);
+            assert_eq!(w.has_tiles(), isas.contains(&QIsa::Avx512Vnni));
+            let mut r = Rng(31);
+            let x: Vec<f32> = (0..m * cols).map(|_| r.f32()).collect();
+            let mut want = vec![0f32; m * n];
+            w.matmul_with(QIsa::Scalar, &x, &mut want);
+            // Float rounding bound from the f64 sum of |w| |x_q|.
+            let deq = w.dequantize();
+            for &isa in &isas {
+                let mut got = vec![0f32; m * n];
+                w.matmul_with(isa, &x, &mut got);
+                for i in 0..m {
+                    let xq = act(&x[i * cols..(i + 1) * cols]);
+                    for (rr, row) in deq.chunks_exact(cols).enumerate() {
+                        let mut abs = 0f64;
+                        for (b, wb) in xq.iter().zip(row.chunks_exact(QK)) {
+                            for (q, wv) in b.qs.iter().zip(wb) {
+                                abs += (*wv as f64 * b.d as f64 * *q as f64).abs();
+                            }
+                        }
+                        let (g, e) = (got[i * n + rr], want[i * n + rr]);
+                        assert!(
+                            ((g - e).abs() as f64) <= 1e-6 * abs.max(1e-3) + 1e-7,
+                            "{fmt:?} {cols} {isa:?} row {rr} input {i}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
