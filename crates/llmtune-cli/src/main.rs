@@ -40,7 +40,38 @@ enum Command {
     Bench(cmd::bench::BenchCmd),
 }
 
+/// With the `openblas` feature: Debian 12's OpenBLAS (0.3.21) does not know CPUs newer than
+/// itself and falls back to its slowest kernels (`Prescott`: 14 GFLOP/s on one of our cores,
+/// against 82 with `SkylakeX`). The library reads `OPENBLAS_CORETYPE` when it is loaded, so
+/// when it picked `Prescott` on a CPU with AVX-512 (or AVX2), run this binary again once with
+/// the matching family set. A user's own `OPENBLAS_CORETYPE` is left alone.
+#[cfg(all(feature = "openblas", target_arch = "x86_64", unix))]
+fn fix_openblas_core() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OPENBLAS_CORETYPE").is_some()
+        || llmtune_ops::blas::core_name() != "Prescott"
+    {
+        return;
+    }
+    let family = if std::arch::is_x86_feature_detected!("avx512f") {
+        "SkylakeX"
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        "Haswell"
+    } else {
+        return;
+    };
+    if let Ok(exe) = std::env::current_exe() {
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("OPENBLAS_CORETYPE", family)
+            .exec();
+        eprintln!("warning: could not re-run with OPENBLAS_CORETYPE={family}: {err}");
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(all(feature = "openblas", target_arch = "x86_64", unix))]
+    fix_openblas_core();
     let argv = match cmd::train::expand_config_file(std::env::args().collect()) {
         Ok(a) => a,
         Err(e) => {

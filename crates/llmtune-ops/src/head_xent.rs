@@ -77,7 +77,7 @@ pub(crate) fn linear_cross_entropy_sum(
                 .get(v.as_tensor())
                 .ok_or_else(|| candle_core::Error::Msg("no logits gradient".into()))?;
             // [len, vocab] x [vocab, hidden]
-            grads.push(gl.to_dtype(w.dtype())?.matmul(w)?.to_dtype(h.dtype())?);
+            grads.push(crate::linear::matmul_2d(&gl.to_dtype(w.dtype())?, w)?.to_dtype(h.dtype())?);
         } else {
             let (s, _) = crate::cross_entropy_sum(&logits, &yc)?;
             total += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -30,6 +30,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+#[cfg(feature = "openblas")]
+pub mod blas;
 mod cpu;
 mod head_xent;
 mod linear;

@@ -65,7 +65,7 @@ fn fwd_cpu(
     wl: &Layout,
     b: Option<&Tensor>,
 ) -> Result<(CpuStorage, Shape)> {
-    let (mut y, shape) = fwd_generic(x, xl, w, wl, None)?;
+    let (mut y, shape) = fwd_cpu_matmul(x, xl, w, wl)?;
     if let Some(b) = b {
         let n = shape.dims()[1];
         crate::cpu::with_cpu(b, "linear", |bs, bl| {
@@ -101,6 +101,34 @@ fn fwd_cpu(
         })?;
     }
     Ok((y, shape))
+}
+
+/// `x @ w^T` on the CPU: OpenBLAS for f32 with the `openblas` feature, else candle's gemm.
+fn fwd_cpu_matmul(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    #[cfg(feature = "openblas")]
+    if let (CpuStorage::F32(xv), CpuStorage::F32(wv)) = (x, w) {
+        let (m, _) = xl.shape().dims2()?;
+        let (n, _) = wl.shape().dims2()?;
+        if let Some(y) = crate::blas::sgemm(xv, xl, wv, &wl.transpose(0, 1)?) {
+            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+        }
+    }
+    fwd_generic(x, xl, w, wl, None)
+}
+
+/// `a @ b` for 2-D tensors inside a backward pass or on detached values: OpenBLAS for CPU
+/// f32 with the `openblas` feature (no autograd graph), else candle's `matmul`.
+pub(crate) fn matmul_2d(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "openblas")]
+    if let Some(t) = crate::blas::matmul_no_graph(a, b) {
+        return Ok(t);
+    }
+    a.matmul(b)
 }
 
 /// Runs `f` with the CUDA storage of `t` (errors on other devices).
@@ -144,7 +172,7 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // [m, n] @ [n, k]; `w` is not tracked, so this records no graph.
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok(Some(matmul_2d(grad, &self.w)?))
     }
 }
 
@@ -181,12 +209,12 @@ impl CustomOp2 for TrainLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = if x.track_op() {
-            Some(grad.matmul(&w.detach())?)
+            Some(matmul_2d(grad, &w.detach())?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            Some(grad.t()?.matmul(&x.detach())?)
+            Some(matmul_2d(&grad.t()?, &x.detach())?)
         } else {
             None
         };

@@ -303,7 +303,9 @@ fn gemm_peak(dtype: DType, dev: &Device) -> anyhow::Result<f64> {
     for i in 0..6 {
         dev.synchronize()?;
         let t = Instant::now();
-        let z = x.matmul(&y)?;
+        // The linear layers' own product (`x @ y^T`): OpenBLAS with the `openblas` feature,
+        // candle's gemm (or cuBLAS) otherwise, so the share is of the GEMM the step uses.
+        let z = llmtune_ops::linear(&x, &y, None)?;
         dev.synchronize()?;
         drop(z);
         if i > 0 {
