@@ -24,7 +24,9 @@
 #     which vendors llama.cpp 0c1e57098, then cmake Release, CPU, -DGGML_NATIVE=ON of
 #     vendor/llama.cpp; cmake comes from apt or, failing that, from PyPI into REF_VENV);
 #   * LLMTUNE_BIN (default <repo>/target/release/llmtune): `cargo build --release -p llmtune-cli`
-#     (with `--features cuda` for --device cuda) when missing;
+#     (with `--features cuda` for --device cuda, else `--features openblas` when the system
+#     OpenBLAS is installed: Debian `libopenblas-dev`, installed with apt-get when possible)
+#     when missing;
 #   * the GGUF (default $LLMTUNE_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf, LLMTUNE_HOME default
 #     ~/.cache/llmtune): fetched by llmtune's own `smollm2-135m` alias when missing.
 # LLMTUNE_SHARED (default <repo>/../shared) must hold tools/torch_lora_bench.py.
@@ -90,7 +92,15 @@ ensure_llmtune() {
   if [[ -x "$LLMTUNE_BIN" ]]; then return; fi
   log "building $LLMTUNE_BIN"
   local feat=()
-  [[ "$DEVICE" == cuda ]] && feat=(--features cuda)
+  if [[ "$DEVICE" == cuda ]]; then
+    feat=(--features cuda)
+  else
+    if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so ' && command -v apt-get >/dev/null &&
+      [[ "$(id -u)" == 0 ]]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev >/dev/null || true
+    fi
+    ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so ' && feat=(--features openblas)
+  fi
   (cd "$REPO" && cargo build --release -p llmtune-cli "${feat[@]}")
   LLMTUNE_BIN="$REPO/target/release/llmtune"
 }
