@@ -80,6 +80,11 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
+    // A BLAS named by LLMTUNE_MKL that does not load is an error now, not a slow run later.
+    if let Err(e) = llmtune_ops::blas::init() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LLMTUNE_LOG")

@@ -523,9 +523,9 @@ impl SelfAttention {
             slot.0 = Some(k.clone());
             slot.1 = Some(v.clone());
         }
-        let scores = q.matmul(&k.t()?)?;
+        let scores = llmtune_ops::matmul(&q, &k.t()?)?;
         let probs = llmtune_ops::masked_softmax(&scores, Some(mask), 1.0 / (d as f64).sqrt())?;
-        let out = probs.matmul(&v)?; // [b, h, t, d]
+        let out = llmtune_ops::matmul(&probs, &v)?; // [b, h, t, d]
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
         Ok(self.dense.forward(&out)?)
     }

@@ -298,10 +298,10 @@ impl SelfAttention {
         let rep = h / g;
         // The query heads of one KV group are consecutive: [b, g, rep*t, d].
         let q = q.reshape((b, g, rep * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?;
+        let scores = llmtune_ops::matmul(&q, &k.t()?)?.reshape((b, h, t, total))?;
         let probs = llmtune_ops::masked_softmax(&scores, Some(mask), 1.0 / (d as f64).sqrt())?;
         let probs = probs.reshape((b, g, rep * t, total))?;
-        let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
+        let out = llmtune_ops::matmul(&probs, &v)?.reshape((b, h, t, d))?;
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
         Ok(self.dense.forward(&out)?)
     }

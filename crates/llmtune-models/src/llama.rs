@@ -267,11 +267,11 @@ impl Attention {
         let rep = h / kvh;
         // Group the query heads that share a KV head: [b, kvh, rep*t, d].
         let q = q.reshape((b, kvh, rep * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?;
+        let scores = llmtune_ops::matmul(&q, &k.t()?)?.reshape((b, h, t, total))?;
         // softmax(scores / sqrt(d) + mask), fused: no gradient is stored for the mask.
         let probs = llmtune_ops::masked_softmax(&scores, Some(mask), 1.0 / (d as f64).sqrt())?;
         let probs = probs.reshape((b, kvh, rep * t, total))?;
-        let out = probs.matmul(&v)?.reshape((b, h, t, d))?;
+        let out = llmtune_ops::matmul(&probs, &v)?.reshape((b, h, t, d))?;
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
         Ok(self.o_proj.forward(&out)?)
     }
@@ -654,6 +654,24 @@ impl Llama {
                 .any(|x| x.quant.is_some())
             })
             || self.lm_head.as_ref().is_some_and(|h| h.quant.is_some())
+    }
+
+    /// bf16 compute on the CPU with f32 activations: the frozen linear weights and the LM head
+    /// (a tied head gets its own bf16 copy; the f32 embeddings still serve the lookups) are
+    /// stored in bf16 and multiply through MKL's bf16 GEMM with f32 accumulation
+    /// (`llmtune_ops::linear`); embeddings, norms, biases and adapters stay f32. For frozen
+    /// base weights only (LoRA): a bf16 weight gets no gradient.
+    pub fn use_bf16_linear_weights(&mut self) -> Result<()> {
+        for (_, lin) in self.linears_mut() {
+            if lin.quant.is_none() {
+                lin.weight = lin.weight.to_dtype(DType::BF16)?;
+            }
+        }
+        // An untied head was converted above (it is one of `linears_mut`).
+        if self.lm_head.is_none() && self.tied_head_quant.is_none() {
+            self.lm_head = Some(Linear::new(self.embed_tokens.to_dtype(DType::BF16)?, None));
+        }
+        Ok(())
     }
 
     /// Full forward: `(logits [b, t, vocab], hidden [b, t, hidden])`.

@@ -1,22 +1,80 @@
-//! f32 matrix products through the system OpenBLAS (feature `openblas`).
+//! Linear-layer products through an optimized BLAS: Intel MKL loaded at run time, or the
+//! system OpenBLAS linked with the `openblas` feature.
 //!
 //! candle's CPU matmul (the `gemm` crate without its nightly AVX-512 kernels) reached 68
-//! GFLOP/s on a 2048³ f32 product on our 2-core AVX-512 machine, where PyTorch's BLAS reaches
-//! 200; the frozen linears of a LoRA step (forward and input gradient) are most of its FLOPs.
-//! With this feature those products (and the fused head's) call `cblas_sgemm` of the
-//! OpenBLAS the binary links (Debian: `libopenblas-dev`), whose kernels are picked for the
-//! CPU at run time. Threads: OpenBLAS's own pool (`OPENBLAS_NUM_THREADS`, default all cores).
+//! GFLOP/s on a 2048³ f32 product on our 2-core AVX-512 machine, where PyTorch's BLAS (MKL)
+//! reaches 200; the frozen linears of a LoRA step (forward and input gradient) are most of its
+//! FLOPs, so those products (and the fused head's) go through a BLAS when one is available:
 //!
-//! Only 2-D f32 operands whose layout is row-major or transposed with unit stride go here;
-//! anything else returns `None` and the caller takes candle's matmul.
+//! * **MKL** when `LLMTUNE_MKL` names `libmkl_rt.so.*` (or a folder holding it, e.g. the `lib`
+//!   folder of `pip install mkl`; `scripts/setup_mkl.sh` fetches it from PyPI). Nothing is
+//!   linked at build time: the library is opened with `dlopen` on first use, so every build
+//!   can use it. Besides `cblas_sgemm` it brings `cblas_gemm_bf16bf16f32` (AMX / AVX-512 BF16
+//!   kernels: bf16 inputs, f32 accumulation and output), which the bf16 compute path uses.
+//!   Threads: GNU OpenMP (libgomp)
+//!   when it loads, else sequential; `MKL_THREADING_LAYER` / `MKL_NUM_THREADS` override.
+//! * **OpenBLAS** (feature `openblas`, Debian `libopenblas-dev`) otherwise; its kernels are
+//!   picked for the CPU at run time (see the CLI's `OPENBLAS_CORETYPE` fix).
+//! * Neither: `None` from every function here, and the caller takes candle's matmul.
+//!
+//! Only 2-D operands (or batches of them) whose layout is row-major or transposed with unit
+//! stride go here; anything else returns `None`.
 
-use std::os::raw::c_int;
+use std::os::raw::{c_char, c_int};
+use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use half::bf16;
 
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+type SgemmFn = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+type GemmBf16Fn = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const u16,
+    c_int,
+    *const u16,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+/// MKL's entry points, resolved once.
+struct Mkl {
+    sgemm: SgemmFn,
+    gemm_bf16: GemmBf16Fn,
+    about: String,
+    // Keeps the library mapped for the life of the process.
+    _lib: libloading::Library,
+}
+
+#[cfg(feature = "openblas")]
 #[link(name = "openblas")]
 extern "C" {
-    fn openblas_get_corename() -> *const std::os::raw::c_char;
+    fn openblas_get_corename() -> *const c_char;
     #[allow(clippy::too_many_arguments)]
     fn cblas_sgemm(
         layout: c_int,
@@ -37,6 +95,7 @@ extern "C" {
 }
 
 /// The kernel family OpenBLAS picked for this CPU (e.g. `SkylakeX`, `Haswell`, `Prescott`).
+#[cfg(feature = "openblas")]
 pub fn core_name() -> String {
     // SAFETY: OpenBLAS returns a static NUL-terminated string.
     unsafe {
@@ -48,59 +107,347 @@ pub fn core_name() -> String {
     }
 }
 
-const ROW_MAJOR: c_int = 101;
-const NO_TRANS: c_int = 111;
-const TRANS: c_int = 112;
+static MKL: OnceLock<Result<Option<Mkl>, String>> = OnceLock::new();
 
-/// `(offset, trans, ld)` of a `[r, c]` operand for a row-major `cblas_sgemm`, or `None` when
+/// The library files `LLMTUNE_MKL` may point at (a file, or a folder holding one).
+fn mkl_candidates(spec: &str) -> Vec<std::path::PathBuf> {
+    let p = std::path::Path::new(spec);
+    if !p.is_dir() {
+        return vec![p.to_path_buf()];
+    }
+    let mut out = Vec::new();
+    for dir in [p.to_path_buf(), p.join("lib")] {
+        for name in ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"] {
+            let f = dir.join(name);
+            if f.is_file() {
+                out.push(f);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(p.join("libmkl_rt.so"));
+    }
+    out
+}
+
+fn load_mkl(spec: &str) -> Result<Mkl, String> {
+    let mut errors = Vec::new();
+    for path in mkl_candidates(spec) {
+        // SAFETY: loading MKL runs its (well-behaved) initialisers only.
+        match unsafe { libloading::Library::new(&path) } {
+            Ok(lib) => return resolve_mkl(lib, &path),
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    Err(format!(
+        "LLMTUNE_MKL={spec}: cannot load MKL ({}); point it at libmkl_rt.so.* or its folder \
+         (scripts/setup_mkl.sh fetches it from PyPI), or unset it",
+        errors.join("; ")
+    ))
+}
+
+fn resolve_mkl(lib: libloading::Library, path: &std::path::Path) -> Result<Mkl, String> {
+    let missing = |e: libloading::Error| format!("{}: not an MKL library ({e})", path.display());
+    // SAFETY: the symbols are MKL's documented C entry points with these signatures.
+    unsafe {
+        let sgemm = *lib.get::<SgemmFn>(b"cblas_sgemm\0").map_err(missing)?;
+        let gemm_bf16 = *lib
+            .get::<GemmBf16Fn>(b"cblas_gemm_bf16bf16f32\0")
+            .map_err(missing)?;
+        let set_layer = *lib
+            .get::<unsafe extern "C" fn(c_int) -> c_int>(b"MKL_Set_Threading_Layer\0")
+            .map_err(missing)?;
+        let set_threads = *lib
+            .get::<unsafe extern "C" fn(c_int)>(b"MKL_Set_Num_Threads\0")
+            .map_err(missing)?;
+        let max_threads = *lib
+            .get::<unsafe extern "C" fn() -> c_int>(b"MKL_Get_Max_Threads\0")
+            .map_err(missing)?;
+        let version = *lib
+            .get::<unsafe extern "C" fn(*mut c_char, c_int)>(b"MKL_Get_Version_String\0")
+            .map_err(missing)?;
+        // Threading layer: GNU OpenMP when libgomp is there (MKL_THREADING_GNU = 3), else
+        // sequential (1); the user's MKL_THREADING_LAYER wins.
+        let layer = if std::env::var_os("MKL_THREADING_LAYER").is_some() {
+            None
+        } else if libloading::Library::new("libgomp.so.1").is_ok() {
+            Some(3)
+        } else {
+            Some(1)
+        };
+        if let Some(l) = layer {
+            // OpenMP workers that spin between products steal the cores from candle's pool
+            // and our kernels (24.6 s against 15.8 s for a training step on 2 busy cores):
+            // let them sleep, unless the user says otherwise. libgomp reads this when MKL
+            // loads it, on the first product.
+            if l == 3 && std::env::var_os("OMP_WAIT_POLICY").is_none() {
+                std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
+            }
+            set_layer(l);
+        }
+        if std::env::var_os("MKL_NUM_THREADS").is_none() {
+            let n = std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            set_threads(n.min(c_int::MAX as usize) as c_int);
+        }
+        let mut buf = vec![0 as c_char; 256];
+        version(buf.as_mut_ptr(), buf.len() as c_int);
+        let v = std::ffi::CStr::from_ptr(buf.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        let layer_name = match layer {
+            Some(3) => "GNU OpenMP",
+            Some(_) => "sequential",
+            None => "MKL_THREADING_LAYER",
+        };
+        let about = format!(
+            "MKL ({}) from {}, {} threads ({layer_name})",
+            v.trim(),
+            path.display(),
+            max_threads()
+        );
+        Ok(Mkl {
+            sgemm,
+            gemm_bf16,
+            about,
+            _lib: lib,
+        })
+    }
+}
+
+fn mkl_state() -> &'static Result<Option<Mkl>, String> {
+    MKL.get_or_init(|| match std::env::var("LLMTUNE_MKL") {
+        Ok(s) if !s.trim().is_empty() => load_mkl(s.trim()).map(Some),
+        _ => Ok(None),
+    })
+}
+
+fn mkl() -> Option<&'static Mkl> {
+    mkl_state().as_ref().ok().and_then(|m| m.as_ref())
+}
+
+/// Loads the BLAS named by the environment (`LLMTUNE_MKL`) and says which products will use
+/// what. An error when `LLMTUNE_MKL` is set but does not load (the CLI reports it at start
+/// rather than silently running on the slow path).
+pub fn init() -> Result<String, String> {
+    match mkl_state() {
+        Err(e) => Err(e.clone()),
+        Ok(Some(m)) => Ok(m.about.clone()),
+        Ok(None) => Ok(if cfg!(feature = "openblas") {
+            "OpenBLAS (linked)".to_string()
+        } else {
+            "candle gemm (no BLAS: set LLMTUNE_MKL or build with --features openblas)".to_string()
+        }),
+    }
+}
+
+/// Whether bf16 x bf16 -> f32 products have a fast kernel (MKL loaded).
+pub fn has_bf16_gemm() -> bool {
+    mkl().is_some()
+}
+
+/// `(offset, trans, ld)` of a `[r, c]` operand for a row-major product, or `None` when
 /// neither dimension has unit stride.
 fn operand(l: &Layout) -> Option<(usize, c_int, usize)> {
     let (r, c) = l.shape().dims2().ok()?;
     let st = l.stride();
-    let (s0, s1) = (st[0], st[1]);
+    operand_strides(r, c, st[0], st[1], l.start_offset())
+}
+
+fn operand_strides(
+    r: usize,
+    c: usize,
+    s0: usize,
+    s1: usize,
+    off: usize,
+) -> Option<(usize, c_int, usize)> {
     if (s1 == 1 || c == 1) && (r == 1 || s0 >= c) {
-        Some((
-            l.start_offset(),
-            NO_TRANS,
-            if r == 1 { c.max(1) } else { s0 },
-        ))
+        Some((off, NO_TRANS, if r == 1 { c.max(1) } else { s0 }))
     } else if (s0 == 1 || r == 1) && (c == 1 || s1 >= r) {
-        Some((l.start_offset(), TRANS, if c == 1 { r.max(1) } else { s1 }))
+        Some((off, TRANS, if c == 1 { r.max(1) } else { s1 }))
     } else {
         None
     }
 }
 
-/// `a [m, k] @ b [k, n]` into a new row-major `[m, n]` buffer, or `None` when a layout does
-/// not fit (see [`operand`]) or a size exceeds `c_int`.
-pub(crate) fn sgemm(a: &[f32], al: &Layout, b: &[f32], bl: &Layout) -> Option<Vec<f32>> {
+/// The checked shape of `a [m, k] @ b [k, n]`: `(m, n, k, (ao, at, lda), (bo, bt, ldb))`, or
+/// `None` when a layout does not fit, a size exceeds `c_int` or an operand would be read past
+/// its buffer.
+#[allow(clippy::type_complexity)]
+fn plan(
+    alen: usize,
+    al: &Layout,
+    blen: usize,
+    bl: &Layout,
+) -> Option<(
+    usize,
+    usize,
+    usize,
+    (usize, c_int, usize),
+    (usize, c_int, usize),
+)> {
     let (m, k) = al.shape().dims2().ok()?;
     let (k2, n) = bl.shape().dims2().ok()?;
     if k != k2 {
         return None;
     }
-    let (ao, at, lda) = operand(al)?;
-    let (bo, bt, ldb) = operand(bl)?;
+    let a = operand(al)?;
+    let b = operand(bl)?;
     let fits = |v: usize| c_int::try_from(v).is_ok();
-    if ![m, n, k, lda, ldb].into_iter().all(fits) {
+    if ![m, n, k, a.2, b.2].into_iter().all(fits) {
         return None;
     }
     // The last element each operand reaches must be inside its buffer.
-    let extent = |off: usize, t: c_int, ld: usize, r: usize, c: usize| {
+    let extent = |(off, t, ld): (usize, c_int, usize), r: usize, c: usize| {
         let (rows, cols) = if t == NO_TRANS { (r, c) } else { (c, r) };
         off + rows.saturating_sub(1) * ld + cols
     };
-    if m == 0 || n == 0 {
-        return Some(vec![0.0; m * n]);
+    if m > 0 && n > 0 && k > 0 && (extent(a, m, k) > alen || extent(b, k, n) > blen) {
+        return None;
     }
-    if k == 0 || extent(ao, at, lda, m, k) > a.len() || extent(bo, bt, ldb, k, n) > b.len() {
-        return (k == 0).then(|| vec![0.0; m * n]);
-    }
-    let mut c = vec![0f32; m * n];
-    // SAFETY: the extents of `a` and `b` were checked against their buffers above, `c` has
-    // m * n elements with ldc = n, and every size fits a c_int.
-    unsafe {
+    Some((m, n, k, a, b))
+}
+
+/// Whether an f32 BLAS is available (MKL loaded or OpenBLAS linked).
+pub fn has_sgemm() -> bool {
+    cfg!(feature = "openblas") || mkl().is_some()
+}
+
+/// `c = a @ b` for one f32 product whose operands were checked by the caller.
+///
+/// # Safety
+/// `a`/`b` must hold every element the `(offset, trans, ld)` descriptions reach for an
+/// `[m, k]` / `[k, n]` operand, `c` must hold `m * n` elements, every size must fit a c_int,
+/// and a BLAS must be available ([`has_sgemm`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (ao, at, lda): (usize, c_int, usize),
+    b: &[f32],
+    (bo, bt, ldb): (usize, c_int, usize),
+    c: &mut [f32],
+) {
+    let (ap, bp) = (a.as_ptr().add(ao), b.as_ptr().add(bo));
+    let (mi, ni, ki) = (m as c_int, n as c_int, k as c_int);
+    let (la, lb) = (lda as c_int, ldb as c_int);
+    if let Some(mkl) = mkl() {
+        (mkl.sgemm)(
+            ROW_MAJOR,
+            at,
+            bt,
+            mi,
+            ni,
+            ki,
+            1.0,
+            ap,
+            la,
+            bp,
+            lb,
+            0.0,
+            c.as_mut_ptr(),
+            ni,
+        );
+    } else {
+        #[cfg(feature = "openblas")]
         cblas_sgemm(
+            ROW_MAJOR,
+            at,
+            bt,
+            mi,
+            ni,
+            ki,
+            1.0,
+            ap,
+            la,
+            bp,
+            lb,
+            0.0,
+            c.as_mut_ptr(),
+            ni,
+        );
+    }
+}
+
+/// `a [m, k] @ b [k, n]` (f32) into a new row-major `[m, n]` buffer, or `None` when no BLAS is
+/// available or the layouts do not fit (see [`plan`]).
+pub(crate) fn sgemm(a: &[f32], al: &Layout, b: &[f32], bl: &Layout) -> Option<Vec<f32>> {
+    if !has_sgemm() {
+        return None;
+    }
+    let (m, n, k, ad, bd) = plan(a.len(), al, b.len(), bl)?;
+    let mut c = vec![0f32; m * n];
+    if m > 0 && n > 0 && k > 0 {
+        // SAFETY: `plan` checked the extents and sizes; `c` has m * n elements.
+        unsafe { sgemm_raw((m, n, k), a, ad, b, bd, &mut c) };
+    }
+    Some(c)
+}
+
+/// Batched `a [.., m, k] @ b [.., k, n]` (f32, same leading dims, any strides whose last two
+/// dims fit [`operand`]) into a new contiguous `[.., m, n]` buffer: one BLAS product per
+/// batch entry. `None` when no BLAS is available or a layout does not fit.
+pub(crate) fn sgemm_batched(a: &[f32], al: &Layout, b: &[f32], bl: &Layout) -> Option<Vec<f32>> {
+    if !has_sgemm() {
+        return None;
+    }
+    let (ad, bd) = (al.dims(), bl.dims());
+    let r = ad.len();
+    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        return None;
+    }
+    let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
+    let batch: usize = ad[..r - 2].iter().product();
+    let (sa, sb) = (al.stride(), bl.stride());
+    let mut c = vec![0f32; batch * m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return Some(c);
+    }
+    let fits = |v: usize| c_int::try_from(v).is_ok();
+    let mut idx = vec![0usize; r - 2];
+    for (i, ci) in c.chunks_exact_mut(m * n).enumerate() {
+        // Offsets of this batch entry (row-major over the leading dims).
+        let mut rem = i;
+        for d in (0..r - 2).rev() {
+            idx[d] = rem % ad[d];
+            rem /= ad[d];
+        }
+        let off = |start: usize, st: &[usize]| {
+            start + idx.iter().zip(st).map(|(i, s)| i * s).sum::<usize>()
+        };
+        let ao = operand_strides(m, k, sa[r - 2], sa[r - 1], off(al.start_offset(), sa))?;
+        let bo = operand_strides(k, n, sb[r - 2], sb[r - 1], off(bl.start_offset(), sb))?;
+        if ![m, n, k, ao.2, bo.2].into_iter().all(fits) {
+            return None;
+        }
+        let extent = |(o, t, ld): (usize, c_int, usize), rr: usize, cc: usize| {
+            let (rows, cols) = if t == NO_TRANS { (rr, cc) } else { (cc, rr) };
+            o + rows.saturating_sub(1) * ld + cols
+        };
+        if extent(ao, m, k) > a.len() || extent(bo, k, n) > b.len() {
+            return None;
+        }
+        // SAFETY: extents and sizes checked just above; `ci` has m * n elements.
+        unsafe { sgemm_raw((m, n, k), a, ao, b, bo, ci) };
+    }
+    Some(c)
+}
+
+/// `a [m, k] @ b [k, n]` with bf16 inputs, f32 accumulation and an f32 `[m, n]` result (MKL
+/// only: `None` without it or when the layouts do not fit).
+pub(crate) fn gemm_bf16(a: &[bf16], al: &Layout, b: &[bf16], bl: &Layout) -> Option<Vec<f32>> {
+    let mkl = mkl()?;
+    let (m, n, k, (ao, at, lda), (bo, bt, ldb)) = plan(a.len(), al, b.len(), bl)?;
+    let mut c = vec![0f32; m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return Some(c);
+    }
+    // SAFETY: as in `sgemm`; bf16 is a 16-bit plain value, as MKL's MKL_BF16 (uint16).
+    unsafe {
+        (mkl.gemm_bf16)(
             ROW_MAJOR,
             at,
             bt,
@@ -108,9 +455,9 @@ pub(crate) fn sgemm(a: &[f32], al: &Layout, b: &[f32], bl: &Layout) -> Option<Ve
             n as c_int,
             k as c_int,
             1.0,
-            a.as_ptr().add(ao),
+            a.as_ptr().add(ao) as *const u16,
             lda as c_int,
-            b.as_ptr().add(bo),
+            b.as_ptr().add(bo) as *const u16,
             ldb as c_int,
             0.0,
             c.as_mut_ptr(),
@@ -120,37 +467,146 @@ pub(crate) fn sgemm(a: &[f32], al: &Layout, b: &[f32], bl: &Layout) -> Option<Ve
     Some(c)
 }
 
-/// `a @ b` for 2-D f32 CPU tensors through [`sgemm`], with no autograd graph (for use inside
+/// `a @ b` for 2-D CPU tensors through a BLAS, with no autograd graph (for use inside
 /// backward passes and on detached values); `None` when it does not apply.
+///
+/// * f32 @ f32: `sgemm`, f32 result.
+/// * any mix with a bf16 operand (f32 or bf16 with bf16) when MKL is loaded: the f32 operand is
+///   rounded to bf16, the product accumulates in f32; the result is f32 when either input was
+///   f32, bf16 when both were.
 pub(crate) fn matmul_no_graph(a: &Tensor, b: &Tensor) -> Option<Tensor> {
-    if !a.device().is_cpu() || a.rank() != 2 || b.rank() != 2 {
+    if !a.device().is_cpu() || !b.device().is_cpu() || a.rank() != 2 || b.rank() != 2 {
         return None;
     }
     let (m, n) = (a.dim(0).ok()?, b.dim(1).ok()?);
+    let (da, db) = (a.dtype(), b.dtype());
+    if da == DType::F32 && db == DType::F32 {
+        let out = {
+            let (sa, la) = a.storage_and_layout();
+            let (sb, lb) = b.storage_and_layout();
+            match (&*sa, &*sb) {
+                (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) => {
+                    sgemm(av, la, bv, lb)?
+                }
+                _ => return None,
+            }
+        };
+        return Tensor::from_vec(out, (m, n), a.device()).ok();
+    }
+    let bf = |d: DType| d == DType::BF16 || d == DType::F32;
+    if !(bf(da) && bf(db) && has_bf16_gemm()) {
+        return None;
+    }
     let out = {
         let (sa, la) = a.storage_and_layout();
         let (sb, lb) = b.storage_and_layout();
         match (&*sa, &*sb) {
-            (Storage::Cpu(CpuStorage::F32(av)), Storage::Cpu(CpuStorage::F32(bv))) => {
-                sgemm(av, la, bv, lb)?
-            }
+            (Storage::Cpu(sa), Storage::Cpu(sb)) => gemm_mixed_bf16(sa, la, sb, lb)?,
             _ => return None,
         }
     };
-    Tensor::from_vec(out, (m, n), a.device()).ok()
+    let t = Tensor::from_vec(out, (m, n), a.device()).ok()?;
+    if da == DType::BF16 && db == DType::BF16 {
+        t.to_dtype(DType::BF16).ok()
+    } else {
+        Some(t)
+    }
+}
+
+/// `a [m, k] @ b [k, n]` for f32 or bf16 CPU operands through MKL's bf16 product: f32
+/// operands are rounded to bf16 first; the `[m, n]` result is f32. `None` without MKL.
+pub(crate) fn gemm_mixed_bf16(
+    a: &CpuStorage,
+    al: &Layout,
+    b: &CpuStorage,
+    bl: &Layout,
+) -> Option<Vec<f32>> {
+    if !has_bf16_gemm() {
+        return None;
+    }
+    let (av, la) = bf16_view(a, al)?;
+    let (bv, lb) = bf16_view(b, bl)?;
+    gemm_bf16(av.slice(a)?, &la, bv.slice(b)?, &lb)
+}
+
+/// The bf16 values of an operand: its own storage when it is bf16, else a converted copy.
+enum Bf16View {
+    Same,
+    Owned(Vec<bf16>),
+}
+
+impl Bf16View {
+    fn slice<'s>(&'s self, s: &'s CpuStorage) -> Option<&'s [bf16]> {
+        match (self, s) {
+            (Bf16View::Owned(v), _) => Some(v),
+            (Bf16View::Same, CpuStorage::BF16(v)) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// A bf16 view of an f32 or bf16 2-D CPU operand: bf16 storage as it is; f32 rounded into a
+/// contiguous copy of the layout's elements (with the layout rewritten to match).
+fn bf16_view(s: &CpuStorage, l: &Layout) -> Option<(Bf16View, Layout)> {
+    match s {
+        CpuStorage::BF16(_) => Some((Bf16View::Same, l.clone())),
+        CpuStorage::F32(v) => {
+            let (r, c) = l.shape().dims2().ok()?;
+            let mut out = vec![bf16::ZERO; r * c];
+            match l.contiguous_offsets() {
+                Some((s0, s1)) => to_bf16(&v[s0..s1], &mut out),
+                None => {
+                    let (st0, st1) = (l.stride()[0], l.stride()[1]);
+                    let off = l.start_offset();
+                    for i in 0..r {
+                        for j in 0..c {
+                            out[i * c + j] = bf16::from_f32(v[off + i * st0 + j * st1]);
+                        }
+                    }
+                }
+            }
+            Some((Bf16View::Owned(out), Layout::contiguous((r, c))))
+        }
+        _ => None,
+    }
+}
+
+/// `dst[i] = bf16(src[i])` (round to nearest even), split over rayon's pool when large.
+pub(crate) fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    if src.len() <= CHUNK {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_f32(s);
+        }
+    } else {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = bf16::from_f32(s);
+                }
+            });
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, IndexOp, Tensor};
+    use candle_core::{DType, Device, IndexOp, Tensor};
 
     /// Every layout pairing (row-major, transposed, offset/narrowed rows) against candle's
-    /// own matmul.
+    /// own matmul, through whichever BLAS this process has (none: every call declines).
     #[test]
     fn sgemm_matches_candle_for_each_layout() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (7, 12), &dev)?;
         let b = Tensor::randn(0f32, 1.0, (12, 5), &dev)?;
+        let have_blas = cfg!(feature = "openblas") || super::mkl().is_some();
+        if !have_blas {
+            assert!(super::matmul_no_graph(&a, &b).is_none());
+            eprintln!("skipped: no BLAS in this process (set LLMTUNE_MKL or --features openblas)");
+            return Ok(());
+        }
         let at = a.t()?.contiguous()?.t()?; // same values, column-major
         let bt = b.t()?.contiguous()?.t()?;
         let wide = Tensor::randn(0f32, 1.0, (9, 15), &dev)?;
@@ -169,6 +625,35 @@ mod tests {
         let rhs = Tensor::randn(0f32, 1.0, (14, 3), &dev)?;
         assert!(super::matmul_no_graph(&every_other, &rhs).is_none());
         assert!(super::matmul_no_graph(&every_other.contiguous()?, &rhs).is_some());
+        Ok(())
+    }
+
+    /// The bf16 product (MKL only) equals an f64 product of the bf16-rounded inputs up to f32
+    /// accumulation, for f32 x bf16, bf16 x bf16 and transposed operands.
+    #[test]
+    fn bf16_gemm_matches_rounded_f64_product() -> candle_core::Result<()> {
+        if !super::has_bf16_gemm() {
+            eprintln!("skipped: the bf16 product needs MKL (set LLMTUNE_MKL)");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (33, 70), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (19, 70), &dev)?.to_dtype(DType::BF16)?;
+        let want = a
+            .to_dtype(DType::BF16)?
+            .to_dtype(DType::F64)?
+            .matmul(&w.to_dtype(DType::F64)?.t()?)?;
+        for (x, dtype) in [
+            (a.clone(), DType::F32),
+            (a.to_dtype(DType::BF16)?, DType::BF16),
+        ] {
+            let got = super::matmul_no_graph(&x, &w.t()?).expect("bf16 product");
+            assert_eq!(got.dtype(), dtype);
+            let got = got.to_dtype(DType::F64)?;
+            let tol = if dtype == DType::F32 { 1e-4 } else { 0.1 };
+            let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d < tol, "{dtype:?}: max |diff| {d}");
+        }
         Ok(())
     }
 }

@@ -77,7 +77,13 @@ pub(crate) fn linear_cross_entropy_sum(
                 .get(v.as_tensor())
                 .ok_or_else(|| candle_core::Error::Msg("no logits gradient".into()))?;
             // [len, vocab] x [vocab, hidden]
-            grads.push(crate::linear::matmul_2d(&gl.to_dtype(w.dtype())?, w)?.to_dtype(h.dtype())?);
+            // An f32 gradient against a bf16 head stays f32 (MKL's mixed product).
+            let gl = if gl.dtype() == DType::F32 && w.dtype() == DType::BF16 {
+                gl.clone()
+            } else {
+                gl.to_dtype(w.dtype())?
+            };
+            grads.push(crate::linear::matmul_2d(&gl, w)?.to_dtype(h.dtype())?);
         } else {
             let (s, _) = crate::cross_entropy_sum(&logits, &yc)?;
             total += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;

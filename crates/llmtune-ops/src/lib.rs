@@ -30,8 +30,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-#[cfg(feature = "openblas")]
 pub mod blas;
+mod bmm;
 mod cpu;
 mod head_xent;
 mod linear;
@@ -43,6 +43,7 @@ mod softmax;
 mod swiglu;
 mod xent;
 
+pub use bmm::matmul;
 use cpu::last_dim_contiguous;
 
 /// `x @ w^T (+ b)` where `w` is a weight of shape `[out, in]`.
@@ -58,9 +59,24 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         candle_core::bail!("linear: input {dims:?} does not match weight [{out}, {inp}]")
     }
     let fast_device = matches!(x.device(), Device::Cpu | Device::Cuda(_));
-    if !fast_device || !x.device().same_device(w.device()) || x.dtype() != w.dtype() {
+    // An f32 input against a frozen bf16 weight on the CPU (bf16 compute, f32 activations):
+    // MKL's bf16 product when loaded, else the weight converted per call.
+    let mixed = x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::BF16
+        && !w.track_op();
+    if mixed && !blas::has_bf16_gemm() {
+        return linear(x, &w.to_dtype(DType::F32)?, b);
+    }
+    if !fast_device || !x.device().same_device(w.device()) || (x.dtype() != w.dtype() && !mixed) {
         return reference::linear(x, w, b);
     }
+    let b = match b {
+        Some(b) if mixed && b.dtype() != DType::F32 => Some(b.to_dtype(DType::F32)?),
+        b => b.cloned(),
+    };
+    let b = b.as_ref();
     let m: usize = dims[..dims.len() - 1].iter().product();
     let x2 = if dims.len() == 2 && x.device().is_cpu() {
         x.clone() // the CPU gemm reads any 2-D strides

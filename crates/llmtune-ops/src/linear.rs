@@ -103,30 +103,48 @@ fn fwd_cpu(
     Ok((y, shape))
 }
 
-/// `x @ w^T` on the CPU: OpenBLAS for f32 with the `openblas` feature, else candle's gemm.
+/// `x @ w^T` on the CPU: a BLAS for f32 when one is available ([`crate::blas`]), MKL's bf16
+/// product for an f32 input against a bf16 (frozen) weight, else candle's gemm.
 fn fwd_cpu_matmul(
     x: &CpuStorage,
     xl: &Layout,
     w: &CpuStorage,
     wl: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    #[cfg(feature = "openblas")]
-    if let (CpuStorage::F32(xv), CpuStorage::F32(wv)) = (x, w) {
-        let (m, _) = xl.shape().dims2()?;
-        let (n, _) = wl.shape().dims2()?;
-        if let Some(y) = crate::blas::sgemm(xv, xl, wv, &wl.transpose(0, 1)?) {
-            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+    let (m, _) = xl.shape().dims2()?;
+    let (n, _) = wl.shape().dims2()?;
+    match (x, w) {
+        (CpuStorage::F32(xv), CpuStorage::F32(wv)) => {
+            if let Some(y) = crate::blas::sgemm(xv, xl, wv, &wl.transpose(0, 1)?) {
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            }
         }
+        (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+            if let Some(y) = crate::blas::gemm_mixed_bf16(x, xl, w, &wl.transpose(0, 1)?) {
+                let y = y.into_iter().map(half::bf16::from_f32).collect();
+                return Ok((CpuStorage::BF16(y), Shape::from((m, n))));
+            }
+        }
+        (CpuStorage::F32(_), CpuStorage::BF16(_)) => {
+            return match crate::blas::gemm_mixed_bf16(x, xl, w, &wl.transpose(0, 1)?) {
+                Some(y) => Ok((CpuStorage::F32(y), Shape::from((m, n)))),
+                None => bail!("linear: f32 input with a bf16 weight needs MKL (LLMTUNE_MKL)"),
+            };
+        }
+        _ => {}
     }
     fwd_generic(x, xl, w, wl, None)
 }
 
-/// `a @ b` for 2-D tensors inside a backward pass or on detached values: OpenBLAS for CPU
-/// f32 with the `openblas` feature (no autograd graph), else candle's `matmul`.
+/// `a @ b` for 2-D tensors inside a backward pass or on detached values: a BLAS for CPU f32
+/// (and MKL's bf16 product for an f32/bf16 mix, f32 result), no autograd graph; else candle's
+/// `matmul` (in `a`'s dtype).
 pub(crate) fn matmul_2d(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "openblas")]
     if let Some(t) = crate::blas::matmul_no_graph(a, b) {
         return Ok(t);
+    }
+    if a.dtype() != b.dtype() {
+        return a.matmul(&b.to_dtype(a.dtype())?);
     }
     a.matmul(b)
 }

@@ -196,7 +196,26 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     )?;
     let t0 = Instant::now();
     let src = llmtune_models::loader::RandomSource::new(&cfg, 0.02);
-    let mut model = llmtune_models::Llama::load(&cfg, &src, dtype, &dev)?;
+    // bf16 on the CPU with MKL: f32 activations and masters, frozen linear weights in bf16
+    // multiplied by MKL's bf16 GEMM (AMX / AVX-512 BF16). Without MKL the whole model runs in
+    // bf16 through candle (slow on the CPU).
+    let mixed_bf16 = dtype == DType::BF16 && dev.is_cpu() && llmtune_ops::blas::has_bf16_gemm();
+    let load_dtype = if mixed_bf16 { DType::F32 } else { dtype };
+    let mut model = llmtune_models::Llama::load(&cfg, &src, load_dtype, &dev)?;
+    if mixed_bf16 {
+        model.use_bf16_linear_weights()?;
+    }
+    if dev.is_cpu() {
+        eprintln!(
+            "CPU products: {}{}",
+            llmtune_ops::blas::init().map_err(anyhow::Error::msg)?,
+            if mixed_bf16 {
+                "; bf16 linear weights, f32 activations"
+            } else {
+                ""
+            }
+        );
+    }
     let lcfg = LoraConfig::new(a.lora_rank, 2.0 * a.lora_rank as f64, 0.0, &a.lora_target)?;
     let mut lora = Lora::new();
     lora.add_adapter(&mut model, "default", &lcfg, 0)?;
@@ -280,7 +299,7 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         a.shape, a.batch, a.seq, a.lora_rank, a.dtype, a.device, a.gradient_checkpointing, flops, achieved / 1e12
     );
     if a.gemm_peak {
-        let peak_flops = gemm_peak(dtype, &dev)?;
+        let peak_flops = gemm_peak(dtype, mixed_bf16, &dev)?;
         println!(
             "gemm_2048_tflops: {:.3} share_of_gemm_peak: {:.3}",
             peak_flops / 1e12,
@@ -295,9 +314,11 @@ fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// FLOP/s of a 2048^3 matmul in `dtype` (best of 5 after a warm-up).
-fn gemm_peak(dtype: DType, dev: &Device) -> anyhow::Result<f64> {
+/// With `mixed`, an f32 input against a bf16 weight (the bf16 CPU path's product).
+fn gemm_peak(dtype: DType, mixed: bool, dev: &Device) -> anyhow::Result<f64> {
     let m = 2048;
-    let x = Tensor::randn(0f32, 1.0, (m, m), dev)?.to_dtype(dtype)?;
+    let x_dtype = if mixed { DType::F32 } else { dtype };
+    let x = Tensor::randn(0f32, 1.0, (m, m), dev)?.to_dtype(x_dtype)?;
     let y = Tensor::randn(0f32, 1.0, (m, m), dev)?.to_dtype(dtype)?;
     let mut best = f64::MAX;
     for i in 0..6 {
