@@ -197,6 +197,18 @@ impl CausalLm {
         }
     }
 
+    /// bf16 linear weights with f32 activations on the CPU (see
+    /// [`crate::Llama::use_bf16_linear_weights`]); `false` (nothing changed) for ChatGLM.
+    pub fn use_bf16_linear_weights(&mut self) -> Result<bool> {
+        match self {
+            Self::Llama(m) => {
+                m.use_bf16_linear_weights()?;
+                Ok(true)
+            }
+            Self::ChatGlm(_) | Self::ChatGlm2(_) => Ok(false),
+        }
+    }
+
     /// The LM head's weight `[vocab, hidden]` when the head is a plain bias-free linear with no
     /// adapter (so that head and loss can be fused: `llmtune_ops::linear_cross_entropy_sum`).
     pub fn plain_lm_head(&self) -> Option<&Tensor> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use llmtune_data::template::Template;
 use llmtune_data::{DataArgs, Stage};
-use llmtune_models::{Pretrained, Tokenizer};
+use llmtune_models::{CausalLm, Pretrained, Tokenizer};
 
 use crate::args::{FinetuningType, StageArg, TrainArgs};
 use crate::error::{other, Error, Result};
@@ -20,8 +20,11 @@ pub mod sft;
 /// Runs what the arguments ask for.
 pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     args.validate().map_err(Error::InvalidArgument)?;
-    if (args.fp16 || args.bf16) && !device.is_cuda() {
-        eprintln!("warning: --fp16/--bf16 ignored on CPU (training runs in f32)");
+    if args.fp16 && !device.is_cuda() {
+        eprintln!("warning: --fp16 ignored on CPU (training runs in f32; --bf16 with MKL computes in bf16)");
+    }
+    if args.bf16 && !device.is_cuda() && !(args.do_train && args.stage == StageArg::Sft) {
+        eprintln!("warning: --bf16 on CPU applies to LoRA SFT training only; this runs in f32");
     }
     if args.estimate_memory {
         if device.is_cuda() {
@@ -52,6 +55,31 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             "--stage ppo needs --do_train (PPO has no predict step; predict with --stage sft)".into(),
         )),
     }
+}
+
+/// `--bf16` on the CPU for LoRA training: the frozen base's linear weights (and LM head) in
+/// bf16, multiplied through MKL's bf16 GEMM (AMX / AVX-512 BF16 where the CPU has them) with
+/// f32 accumulation; activations, adapters, gradients and optimizer stay f32. Needs MKL
+/// (`LLMTUNE_MKL`); without it, or for other tuning types and ChatGLM, it says so and
+/// training runs in f32.
+pub fn cpu_bf16(args: &TrainArgs, device: &Device, model: &mut CausalLm) -> Result<()> {
+    if !args.bf16 || device.is_cuda() {
+        return Ok(());
+    }
+    if args.finetuning_type != FinetuningType::Lora {
+        eprintln!("warning: --bf16 on CPU applies to --finetuning_type lora; training runs in f32");
+    } else if !llmtune_ops::blas::has_bf16_gemm() {
+        eprintln!(
+            "warning: --bf16 on CPU needs MKL (LLMTUNE_MKL; scripts/setup_mkl.sh fetches it); training runs in f32"
+        );
+    } else if model.use_bf16_linear_weights().map_err(other)? {
+        eprintln!(
+            "--bf16 on CPU: frozen linear weights in bf16 through MKL's bf16 GEMM; activations, adapters and optimizer in f32"
+        );
+    } else {
+        eprintln!("warning: --bf16 on CPU is not supported for {} yet; training runs in f32", model.arch());
+    }
+    Ok(())
 }
 
 /// `--model_name_or_path`, or the embedded default with a notice.

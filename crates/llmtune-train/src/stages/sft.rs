@@ -255,6 +255,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             )
         }
     };
+    super::cpu_bf16(args, device, &mut p.model)?;
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Sft, false)?;
     eprintln!(
         "data: {} examples ({} prompts truncated, {} targets cut, {} dropped as over length)",
