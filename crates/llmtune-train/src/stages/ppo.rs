@@ -293,13 +293,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let out = super::output_dir(args, true)?;
     let (mut p, base_name) = super::load_model(args, device)?;
     let template = super::template_name(args, &p);
-    let lora_cfg = LoraConfig::new(
-        args.lora_rank,
-        args.lora_alpha,
-        args.lora_dropout,
-        &super::lora_target(args, &p.model),
-    )
-    .map_err(other)?;
+    let lora_cfg = super::lora_config(args, &p.model)?;
     let dirs = args.checkpoint_dirs();
     let models = load_models(
         &mut p.model,
