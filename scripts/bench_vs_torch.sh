@@ -37,12 +37,9 @@
 # load average printed before each run.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 LLMTUNE_SHARED="${LLMTUNE_SHARED:-$REPO/../shared}"
-REF_VENV="${REF_VENV:-$REPO/.venv-ref}"
-BENCH_CACHE="${BENCH_CACHE:-$HOME/.cache/llmtune-bench}"
-LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-LLAMA_SRC="$BENCH_CACHE/llama.cpp-$LLAMA_CPP_PYTHON_VERSION"
 LLAMA_BENCH="${LLAMA_BENCH:-$LLAMA_SRC/build/bin/llama-bench}"
 LLMTUNE_BIN="${LLMTUNE_BIN:-$REPO/target/release/llmtune}"
 export LLMTUNE_HOME="${LLMTUNE_HOME:-$HOME/.cache/llmtune}"
@@ -69,7 +66,6 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-log() { echo "== $*" >&2; }
 load() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || uptime; }
 
 # ---------------------------------------------------------------- setup
@@ -84,8 +80,7 @@ ensure_venv() {
 ensure_llama_bench() {
   if [[ -x "$LLAMA_BENCH" ]]; then return; fi
   # Fetch + build are shared with scripts/llamacpp_check.sh.
-  BENCH_CACHE="$BENCH_CACHE" LLAMA_CPP_PYTHON_VERSION="$LLAMA_CPP_PYTHON_VERSION" \
-    REF_VENV="$REF_VENV" "$REPO/scripts/build_llamacpp.sh" llama-bench >/dev/null
+  llama_bin_dir llama-bench >/dev/null
 }
 
 ensure_llmtune() {

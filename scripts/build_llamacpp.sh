@@ -24,15 +24,10 @@
 # (llama-completion) there.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BENCH_CACHE="${BENCH_CACHE:-$HOME/.cache/llmtune-bench}"
-LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-LLAMA_SRC="$BENCH_CACHE/llama.cpp-$LLAMA_CPP_PYTHON_VERSION"
-REF_VENV="${REF_VENV:-$REPO/.venv-ref}"
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 TARGETS=("$@")
 [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=(llama-bench llama-simple llama-completion)
-
-log() { echo "== $*" >&2; }
 
 ensure_cmake() {
   if [[ -n "${CMAKE:-}" ]]; then return; fi

@@ -25,7 +25,8 @@
 #   match_<type>: identical (N chars) | prefix N of A/B chars (llmtune/llama.cpp)
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 MODEL=smollm2-135m
 ADAPTER="$REPO/../runs/covid/sft"
 OUT="${TMPDIR:-/tmp}/llmtune-llamacpp-check"
@@ -44,7 +45,6 @@ while [[ $# -gt 0 ]]; do
     *) echo "llamacpp_check.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
 done
-log() { echo "== $*" >&2; }
 
 if [[ -z "${LLMTUNE_BIN:-}" ]]; then
   LLMTUNE_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/llmtune"
@@ -53,7 +53,7 @@ if [[ -z "${LLMTUNE_BIN:-}" ]]; then
     (cd "$REPO" && cargo build --release -p llmtune-cli)
   fi
 fi
-BIN_DIR="$("$REPO/scripts/build_llamacpp.sh" llama-completion)"
+BIN_DIR="$(llama_bin_dir llama-completion)"
 LLAMA_COMPLETION="$BIN_DIR/llama-completion"
 log "$("$LLAMA_COMPLETION" --version 2>&1 | grep -m1 commit): $LLAMA_COMPLETION"
 

@@ -1,21 +1,13 @@
 //! The `llmtune` binary end to end on the tiny fixture models (no network).
 
-use std::path::PathBuf;
 use std::process::Command;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llmtune"))
 }
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
+mod common;
+use common::{example_data, fixtures, read_json, tmp};
 
 fn run(cmd: &mut Command) -> (i32, String, String) {
     let o = cmd.output().expect("run llmtune");
@@ -30,8 +22,7 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 fn generate_greedy_equals_the_reference_generation() {
     let Some(fx) = fixtures() else { return };
     let dir = fx.join("qwen2");
-    let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases = read_json(&dir.join("cases.json"));
     let g = &cases["generation"][0];
     // The fixture prompt is `<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n`: exactly our
     // chatml template around the question.
@@ -118,7 +109,7 @@ fn web_and_api_flags_are_checked() {
 
 #[test]
 fn eval_preds_scores_a_file() {
-    let dir = std::env::temp_dir().join(format!("llmtune-evalpreds-{}", std::process::id()));
+    let dir = tmp("evalpreds");
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("generated_predictions.jsonl");
     std::fs::write(
@@ -129,10 +120,7 @@ fn eval_preds_scores_a_file() {
     let (code, out, err) = run(bin().args(["eval-preds", f.to_str().unwrap()]));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("bleu-4") || out.contains("BLEU"), "{out}");
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("eval_preds_results.json")).unwrap(),
-    )
-    .unwrap();
+    let v = read_json(&dir.join("eval_preds_results.json"));
     // One exact copy (100 on every score) and one empty prediction (0): means are 50.
     for k in [
         "predict_bleu-4",
@@ -156,7 +144,7 @@ fn eval_preds_scores_a_file() {
 #[test]
 fn data_inspect_counts_the_example_data() {
     let Some(fx) = fixtures() else { return };
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/example");
+    let data = example_data();
     let (code, out, err) = run(bin().args([
         "data",
         "inspect",
@@ -171,13 +159,10 @@ fn data_inspect_counts_the_example_data() {
         "--overwrite_cache",
     ]));
     assert_eq!(code, 0, "{err}");
-    let n = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(data.join("example_sft.json")).unwrap(),
-    )
-    .unwrap()
-    .as_array()
-    .unwrap()
-    .len();
+    let n = read_json(&data.join("example_sft.json"))
+        .as_array()
+        .unwrap()
+        .len();
     assert!(out.contains(&format!("{n} kept")), "{out}");
     assert!(out.contains("⟦"), "label mask shown: {out}");
 }

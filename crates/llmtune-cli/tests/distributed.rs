@@ -14,29 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn example_data() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data/example")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmtune-dist-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{
+    example_data, fixtures, jsonl, read_json, reward_model, set_flag, step_losses, strings, tmp,
+};
 
 /// `llmtune` alone, or under `mpirun -np N`, with the environment the tests need (root is
 /// allowed, no CPU binding, no single-copy shared-memory transport, which containers forbid).
@@ -93,7 +74,7 @@ fn run(np: Option<usize>, args: &[String]) -> Output {
 }
 
 fn sft_args(model: &Path, out: &Path, bs: usize, accum: usize) -> Vec<String> {
-    [
+    strings(&[
         "train",
         "--stage",
         "sft",
@@ -103,7 +84,7 @@ fn sft_args(model: &Path, out: &Path, bs: usize, accum: usize) -> Vec<String> {
         "--template",
         "chatml",
         "--dataset_dir",
-        &example_data(),
+        example_data().to_str().unwrap(),
         "--dataset",
         "example_sft",
         "--overwrite_cache",
@@ -129,10 +110,25 @@ fn sft_args(model: &Path, out: &Path, bs: usize, accum: usize) -> Vec<String> {
         "1",
         "--seed",
         "7",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    ])
+}
+
+/// Runs `args(folder)` in one process into `root/one`, then under 2 ranks into `root/two`;
+/// returns the two folders.
+fn one_process_then_two_ranks(
+    root: &Path,
+    args: impl Fn(&Path) -> Vec<String>,
+) -> (PathBuf, PathBuf) {
+    let (one, two) = (root.join("one"), root.join("two"));
+    run(None, &args(&one));
+    run(Some(2), &args(&two));
+    (one, two)
+}
+
+/// `generated_predictions.jsonl` of an output folder, as text.
+fn predictions(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("generated_predictions.jsonl"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -171,18 +167,6 @@ fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
     m
 }
 
-fn losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[cfg(feature = "mpi")]
 #[test]
 fn sft_two_ranks_equal_one_process_with_the_same_global_batch() {
@@ -214,7 +198,7 @@ fn sft_two_ranks_equal_one_process_with_the_same_global_batch() {
         "global batch 2 vs 4 differ by only {d_other}"
     );
     // Rank 0 alone logged: one line per step, the global loss.
-    let (l1, l2) = (losses(&one), losses(&two));
+    let (l1, l2) = (step_losses(&one), step_losses(&two));
     assert_eq!(l1.len(), 3, "{l1:?}");
     assert_eq!(l2.len(), 3, "{l2:?}");
     for (x, y) in l1.iter().zip(&l2) {
@@ -244,11 +228,10 @@ fn sft_two_ranks_equal_one_process_with_the_same_global_batch() {
     let d = max_abs_diff(&adapter(&one4), &adapter(&two2));
     eprintln!("with accumulation: max |adapter(1 process) - adapter(2 ranks)| = {d:e}");
     assert!(d <= 1e-5, "adapters differ by {d}");
-    let ev = |dir: &Path| -> f64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("eval_results.json")).unwrap())
-                .unwrap();
-        v["eval_loss"].as_f64().unwrap()
+    let ev = |dir: &Path| {
+        read_json(&dir.join("eval_results.json"))["eval_loss"]
+            .as_f64()
+            .unwrap()
     };
     let (e1, e2) = (ev(&one4), ev(&two2));
     eprintln!("eval_loss 1 process {e1}, 2 ranks {e2}");
@@ -266,7 +249,7 @@ fn predict_two_ranks_writes_the_one_process_file() {
     let model = fx.join("llama");
     let root = tmp("predict");
     let args = |out: &Path| -> Vec<String> {
-        [
+        strings(&[
             "train",
             "--stage",
             "sft",
@@ -277,7 +260,7 @@ fn predict_two_ranks_writes_the_one_process_file() {
             "--template",
             "chatml",
             "--dataset_dir",
-            &example_data(),
+            example_data().to_str().unwrap(),
             "--dataset",
             "example_test",
             "--overwrite_cache",
@@ -293,24 +276,14 @@ fn predict_two_ranks_writes_the_one_process_file() {
             "2",
             "--output_dir",
             out.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        ])
     };
-    let (one, two) = (root.join("one"), root.join("two"));
-    run(None, &args(&one));
-    run(Some(2), &args(&two));
-    let f1 = std::fs::read_to_string(one.join("generated_predictions.jsonl")).unwrap();
-    let f2 = std::fs::read_to_string(two.join("generated_predictions.jsonl")).unwrap();
+    let (one, two) = one_process_then_two_ranks(&root, args);
+    let (f1, f2) = (predictions(&one), predictions(&two));
     assert_eq!(f1.lines().count(), 7, "{f1}");
     assert_eq!(f1, f2);
-    let r1: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(one.join("predict_results.json")).unwrap())
-            .unwrap();
-    let r2: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(two.join("predict_results.json")).unwrap())
-            .unwrap();
+    let r1 = read_json(&one.join("predict_results.json"));
+    let r2 = read_json(&two.join("predict_results.json"));
     assert_eq!(r1["predict_bleu-4"], r2["predict_bleu-4"]);
     assert_eq!(r1["predict_rouge-l"], r2["predict_rouge-l"]);
     let _ = std::fs::remove_dir_all(&root);
@@ -325,8 +298,7 @@ fn killing_a_rank_ends_the_job_naming_it() {
     }
     let root = tmp("kill");
     let mut args = sft_args(&fx.join("llama"), &root, 1, 1);
-    let steps = args.iter().position(|a| a == "--max_steps").unwrap();
-    args[steps + 1] = "100000".into();
+    set_flag(&mut args, "--max_steps", "100000");
     let mut child = command(Some(2))
         .args(&args)
         .stdout(Stdio::piped())
@@ -438,18 +410,9 @@ fn ppo_two_ranks_trains_and_rank_zero_writes() {
         return;
     }
     let root = tmp("ppo");
-    let rm = root.join("rm");
-    std::fs::create_dir_all(&rm).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fx.join("llama/lora").join(f), rm.join(f)).unwrap();
-    }
-    std::fs::copy(
-        fx.join("llama/value_head.safetensors"),
-        rm.join("value_head.safetensors"),
-    )
-    .unwrap();
+    let rm = reward_model(&fx, root.join("rm"));
     let out = root.join("ppo");
-    let args: Vec<String> = [
+    let args = strings(&[
         "train",
         "--stage",
         "ppo",
@@ -461,7 +424,7 @@ fn ppo_two_ranks_trains_and_rank_zero_writes() {
         "--dataset",
         "example_sft",
         "--dataset_dir",
-        &example_data(),
+        example_data().to_str().unwrap(),
         "--lora_rank",
         "4",
         "--resume_lora_training",
@@ -491,21 +454,14 @@ fn ppo_two_ranks_trains_and_rank_zero_writes() {
         "16",
         "--seed",
         "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let o = run(Some(2), &args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("batch 2 x 1 accumulation x 2 ranks (mpi)"),
         "{err}"
     );
-    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let log = jsonl(&out.join("trainer_log.jsonl"));
     assert_eq!(log.len(), 2, "{log:?}");
     for l in &log {
         assert!(l["reward"].as_f64().unwrap().is_finite(), "{l}");
@@ -513,9 +469,7 @@ fn ppo_two_ranks_trains_and_rank_zero_writes() {
     }
     assert!(out.join("checkpoint-2/adapter_model.safetensors").is_file());
     assert!(!adapter(&out).is_empty());
-    let all: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("all_results.json")).unwrap())
-            .unwrap();
+    let all = read_json(&out.join("all_results.json"));
     assert!(all["train_reward"].as_f64().unwrap().is_finite(), "{all}");
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -562,8 +516,7 @@ fn two_ranks_resume_from_rank_zero_checkpoint() {
     let (straight, resumed) = (root.join("straight"), root.join("resumed"));
     let with = |out: &Path, steps: &str, extra: &[&str]| -> Vec<String> {
         let mut a = sft_args(&model, out, 1, 2);
-        let i = a.iter().position(|x| x == "--max_steps").unwrap();
-        a[i + 1] = steps.into();
+        set_flag(&mut a, "--max_steps", steps);
         a.extend(["--save_steps", "2"].map(String::from));
         a.extend(extra.iter().map(|s| s.to_string()));
         a
@@ -598,18 +551,9 @@ fn rm_scoring_two_ranks_writes_the_one_process_files() {
         return;
     }
     let root = tmp("rmscore");
-    let rm = root.join("rm");
-    std::fs::create_dir_all(&rm).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fx.join("llama/lora").join(f), rm.join(f)).unwrap();
-    }
-    std::fs::copy(
-        fx.join("llama/value_head.safetensors"),
-        rm.join("value_head.safetensors"),
-    )
-    .unwrap();
+    let rm = reward_model(&fx, root.join("rm"));
     let args = |out: &Path| -> Vec<String> {
-        [
+        strings(&[
             "train",
             "--stage",
             "rm",
@@ -622,7 +566,7 @@ fn rm_scoring_two_ranks_writes_the_one_process_files() {
             "--dataset",
             "example_rm",
             "--dataset_dir",
-            &example_data(),
+            example_data().to_str().unwrap(),
             "--overwrite_cache",
             "--checkpoint_dir",
             rm.to_str().unwrap(),
@@ -634,22 +578,13 @@ fn rm_scoring_two_ranks_writes_the_one_process_files() {
             "48",
             "--max_target_length",
             "24",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        ])
     };
-    let (one, two) = (root.join("one"), root.join("two"));
-    run(None, &args(&one));
-    run(Some(2), &args(&two));
-    let f1 = std::fs::read_to_string(one.join("generated_predictions.jsonl")).unwrap();
-    let f2 = std::fs::read_to_string(two.join("generated_predictions.jsonl")).unwrap();
+    let (one, two) = one_process_then_two_ranks(&root, args);
+    let (f1, f2) = (predictions(&one), predictions(&two));
     assert!(f1.lines().count() > 5, "{f1}");
     assert_eq!(f1, f2);
-    let r = |d: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(d.join("eval_results.json")).unwrap())
-            .unwrap()
-    };
+    let r = |d: &Path| read_json(&d.join("eval_results.json"));
     let (r1, r2) = (r(&one), r(&two));
     assert_eq!(r1["eval_accuracy"], r2["eval_accuracy"]);
     assert_eq!(r1["eval_loss"], r2["eval_loss"]);

@@ -1,26 +1,12 @@
 //! `llmtune export` and `llmtune chat` end to end on the tiny fixture models.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device};
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmtune-export-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{chat, fixtures, read_json, rows, tmp, valid_logits};
 
 fn export(model: &Path, lora: &Path, out: &Path, extra: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
@@ -37,33 +23,6 @@ fn export(model: &Path, lora: &Path, out: &Path, extra: &[&str]) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{err}");
     err
-}
-
-/// Logits of the fixture's right-padded batch, valid positions only.
-fn valid_logits(dir: &Path, fx_model: &Path) -> Vec<Vec<f32>> {
-    let cases =
-        candle_core::safetensors::load(fx_model.join("cases.safetensors"), &Device::Cpu).unwrap();
-    let ids = &cases["forward.input_ids"];
-    let mask = cases["forward.attention_mask"]
-        .to_dtype(DType::U32)
-        .unwrap();
-    let p =
-        llmtune_models::load_pretrained(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let (logits, _) = p.model.forward(ids, Some(&mask), None).unwrap();
-    rows(&logits, &mask)
-}
-
-fn rows(logits: &Tensor, mask: &Tensor) -> Vec<Vec<f32>> {
-    let m: Vec<Vec<u32>> = mask.to_vec2().unwrap();
-    let mut out = vec![];
-    for (b, row) in m.iter().enumerate() {
-        for (t, &v) in row.iter().enumerate() {
-            if v == 1 {
-                out.push(logits.i((b, t)).unwrap().to_vec1::<f32>().unwrap());
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -101,10 +60,7 @@ fn exported_model_reproduces_the_merged_lora_logits() {
             "{arch}: logits differ by {worst} beyond tolerance"
         );
         // The config round-trips; generation_config carries the template's stop id.
-        let gen: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("generation_config.json")).unwrap(),
-        )
-        .unwrap();
+        let gen = read_json(&out.join("generation_config.json"));
         assert!(
             gen["eos_token_id"]
                 .as_array()
@@ -121,10 +77,7 @@ fn exported_model_reproduces_the_merged_lora_logits() {
             &["--max_shard_size", "300KB"],
         );
         assert!(!sharded.join("model.safetensors").exists());
-        let index: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
-        )
-        .unwrap();
+        let index = read_json(&sharded.join("model.safetensors.index.json"));
         let files: std::collections::BTreeSet<&str> = index["weight_map"]
             .as_object()
             .unwrap()
@@ -165,31 +118,19 @@ fn export_flags_are_checked() {
 #[test]
 fn chat_keeps_history_clears_it_and_stops() {
     let Some(fx) = fixtures() else { return };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(["chat", "--model_name_or_path"])
-        .arg(fx.join("llama"))
-        .args([
+    let out = chat(
+        &[
+            "--model_name_or_path",
+            fx.join("llama").to_str().unwrap(),
             "--template",
             "chatml",
             "--do_sample",
             "false",
             "--max_new_tokens",
             "5",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"hello\nhow are you\nclear\nhello\nstop\nnever read\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ],
+        "hello\nhow are you\nclear\nhello\nstop\nnever read\n",
+    );
     assert_eq!(out.matches("Assistant: ").count(), 3, "{out}");
     assert_eq!(out.matches("History has been removed.").count(), 1, "{out}");
     // Greedy: the first turn and the turn after `clear` see the same prompt, so they reply the

@@ -10,23 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmtune-gguf-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{copy_files, fixtures, read_json, tmp, valid_logits};
 
 fn llmtune(args: &[&str], paths: &[(&str, &Path)]) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_llmtune"));
@@ -39,31 +26,9 @@ fn llmtune(args: &[&str], paths: &[(&str, &Path)]) -> std::process::Output {
 
 /// Logits of the fixture's right-padded batch at valid positions, and the largest |logit|.
 fn logits(model: &Path, fx_model: &Path) -> (Vec<Vec<f32>>, f32) {
-    let cases =
-        candle_core::safetensors::load(fx_model.join("cases.safetensors"), &Device::Cpu).unwrap();
-    let ids = &cases["forward.input_ids"];
-    let mask = cases["forward.attention_mask"]
-        .to_dtype(DType::U32)
-        .unwrap();
-    let p =
-        llmtune_models::load_pretrained(model.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let (logits, _) = p.model.forward(ids, Some(&mask), None).unwrap();
-    let rows = rows(&logits, &mask);
+    let rows = valid_logits(model, fx_model);
     let max = rows.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
     (rows, max)
-}
-
-fn rows(logits: &Tensor, mask: &Tensor) -> Vec<Vec<f32>> {
-    let m: Vec<Vec<u32>> = mask.to_vec2().unwrap();
-    let mut out = vec![];
-    for (b, row) in m.iter().enumerate() {
-        for (t, &v) in row.iter().enumerate() {
-            if v == 1 {
-                out.push(logits.i((b, t)).unwrap().to_vec1::<f32>().unwrap());
-            }
-        }
-    }
-    out
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, usize) {
@@ -105,14 +70,16 @@ fn f16_matrices(src: &Path, dst: &Path) -> PathBuf {
         })
         .collect();
     candle_core::safetensors::save(&rounded, dst.join("model.safetensors")).unwrap();
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
+    copy_files(
+        src,
+        dst,
+        &[
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ],
+    );
     dst.to_path_buf()
 }
 
@@ -137,9 +104,7 @@ fn gguf_export_reloads_to_the_hf_export_logits() {
         );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{err}");
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
-                .unwrap();
+        let cfg = read_json(&model.join("config.json"));
         let (exact, scale) = logits(&out, &model);
         let (want, _) = logits(&f16_matrices(&out, &tmp(&format!("{arch}-f16ref"))), &model);
         let n_rows = want.len();

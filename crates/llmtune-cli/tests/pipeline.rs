@@ -1,103 +1,26 @@
 //! The COVID-doctor walkthrough in miniature: SFT -> RM -> PPO -> predict -> chat on the tiny
 //! fixture models, each stage reading the previous one's outputs, every output file checked.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn example_data() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data/example")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmtune-pipeline-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn llmtune(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(args)
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "llmtune {}\n{err}", args.join(" "));
-    err
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn jsonl(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", p.display())))
-        .collect()
-}
-
-fn assert_png(p: &Path) {
-    let b = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert!(
-        b.len() > 1000 && b.starts_with(b"\x89PNG\r\n\x1a\n"),
-        "{} is not a PNG plot",
-        p.display()
-    );
-}
-
-/// The tensors of a safetensors file, by name, with a check that they are finite.
-fn tensors(p: &Path) -> Vec<String> {
-    let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    for (k, v) in &t {
-        let s = v
-            .to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(s.is_finite(), "{}: {k} is not finite", p.display());
-    }
-    t.into_keys().collect()
-}
+mod common;
+use common::{assert_png, chat, example_data, fixtures, jsonl, read_json, run_ok, tensors, tmp};
 
 fn walkthrough(fx: &Path, arch: &str) {
     let model = fx.join(arch);
     let model = model.to_str().unwrap();
     let data = example_data();
+    let data = data.to_str().unwrap();
     let root = tmp(arch);
     let dir = |n: &str| root.join(n).to_str().unwrap().to_string();
     let (sft, rm, ppo, pred) = (dir("sft"), dir("rm"), dir("ppo"), dir("pred"));
-    let common = [
+    let shared_flags = [
         "--model_name_or_path",
         model,
         "--template",
         "chatml",
         "--dataset_dir",
-        &data,
+        data,
         "--overwrite_cache",
         "--lora_rank",
         "4",
@@ -112,14 +35,13 @@ fn walkthrough(fx: &Path, arch: &str) {
     let with = |stage: &[&str]| -> Vec<String> {
         stage
             .iter()
-            .chain(&common)
+            .chain(&shared_flags)
             .map(|s| s.to_string())
             .collect::<Vec<_>>()
     };
-    let run = |args: Vec<String>| llmtune(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
     // 1. SFT.
-    run(with(&[
+    run_ok(&with(&[
         "train",
         "--stage",
         "sft",
@@ -154,7 +76,7 @@ fn walkthrough(fx: &Path, arch: &str) {
     );
 
     // 2. RM on top of the SFT adapter (merged), fresh LoRA + value head.
-    run(with(&[
+    run_ok(&with(&[
         "train",
         "--stage",
         "rm",
@@ -191,7 +113,7 @@ fn walkthrough(fx: &Path, arch: &str) {
     assert_png(&rm_p.join("training_loss.png"));
 
     // 3. PPO: the SFT adapter merged, the RM folder as the reward model.
-    let err = run(with(&[
+    let err = run_ok(&with(&[
         "train",
         "--stage",
         "ppo",
@@ -236,7 +158,7 @@ fn walkthrough(fx: &Path, arch: &str) {
 
     // 4. Predict with the SFT and PPO adapters merged in order, greedy.
     let both = format!("{sft},{ppo}");
-    run(with(&[
+    run_ok(&with(&[
         "train",
         "--stage",
         "sft",
@@ -268,30 +190,21 @@ fn walkthrough(fx: &Path, arch: &str) {
     }
 
     // 5. Chat with the same adapters: one turn, then stop.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args([
-            "chat",
+    let out = chat(
+        &[
             "--model_name_or_path",
             model,
             "--template",
             "chatml",
-        ])
-        .args(["--checkpoint_dir", &both, "--do_sample", "false"])
-        .args(["--max_new_tokens", "4"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all("医生您好，我咳嗽两周了\nstop\n".as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout);
+            "--checkpoint_dir",
+            &both,
+            "--do_sample",
+            "false",
+            "--max_new_tokens",
+            "4",
+        ],
+        "医生您好，我咳嗽两周了\nstop\n",
+    );
     assert_eq!(out.matches("Assistant: ").count(), 1, "{out}");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -8,102 +8,12 @@
 //! config with the real vocabulary size (and, for v1, the real special ids), the fixture's
 //! block weights, and random embeddings / output layer (std 0.02) of the real vocabulary size.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-fn shared() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_SHARED") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_SHARED not set");
-            None
-        }
-    }
-}
-
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn example_data() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data/example")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "llmtune-pipeline-glm-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn llmtune(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(args)
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "llmtune {}\n{err}", args.join(" "));
-    err
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn jsonl(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", p.display())))
-        .collect()
-}
-
-#[allow(dead_code)]
-fn assert_png(p: &Path) {
-    let b = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert!(
-        b.len() > 1000 && b.starts_with(b"\x89PNG\r\n\x1a\n"),
-        "{} is not a PNG plot",
-        p.display()
-    );
-}
-
-/// The tensors of a safetensors file, by name, with a check that they are finite.
-fn tensors(p: &Path) -> Vec<String> {
-    let t = candle_core::safetensors::load(p, &candle_core::Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    for (k, v) in &t {
-        let s = v
-            .to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(s.is_finite(), "{}: {k} is not finite", p.display());
-    }
-    t.into_keys().collect()
-}
+mod common;
+use common::{
+    chat, copy_files, example_data, fixtures, jsonl, read_json, run_ok, shared, tensors, tmp,
+};
 
 /// The tiny fixture model `arch` widened to the real tokenizer's vocabulary, with that
 /// tokenizer beside it (see the module docs).
@@ -178,9 +88,11 @@ fn glm_model(fx: &Path, shared: &Path, arch: &str, root: &Path) -> PathBuf {
         w.insert(name.to_string(), t.to_dtype(DType::F32).unwrap());
     }
     candle_core::safetensors::save(&w, out.join("model.safetensors")).unwrap();
-    for f in [tok_file, "tokenizer_config.json"] {
-        std::fs::copy(shared.join(tok_dir).join(f), out.join(f)).unwrap();
-    }
+    copy_files(
+        &shared.join(tok_dir),
+        &out,
+        &[tok_file, "tokenizer_config.json"],
+    );
     out
 }
 
@@ -190,14 +102,15 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
     let model = glm_model(fx, shared, arch, &root);
     let model = model.to_str().unwrap();
     let data = example_data();
+    let data = data.to_str().unwrap();
     let dir = |n: &str| root.join(n).to_str().unwrap().to_string();
     let (sft, rm, ppo, pred) = (dir("sft"), dir("rm"), dir("ppo"), dir("pred"));
     // No --template and no --lora_target: the model's defaults.
-    let common = [
+    let shared_flags = [
         "--model_name_or_path",
         model,
         "--dataset_dir",
-        &data,
+        data,
         "--overwrite_cache",
         "--lora_rank",
         "4",
@@ -211,11 +124,10 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
     let with = |stage: &[&str]| -> Vec<String> {
         stage
             .iter()
-            .chain(&common)
+            .chain(&shared_flags)
             .map(|s| s.to_string())
             .collect::<Vec<_>>()
     };
-    let run = |args: Vec<String>| llmtune(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let template = match arch {
         "chatglm1" => "chatglm",
         "chatglm2" => "chatglm2",
@@ -223,7 +135,7 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
     };
 
     // 1. SFT, with gradient checkpointing (the per-layer path of this architecture).
-    let err = run(with(&[
+    let err = run_ok(&with(&[
         "train",
         "--stage",
         "sft",
@@ -266,7 +178,7 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
     }
 
     // 2. RM on top of the SFT adapter.
-    run(with(&[
+    run_ok(&with(&[
         "train",
         "--stage",
         "rm",
@@ -300,7 +212,7 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
     assert!((0.0..=1.0).contains(&acc), "eval_accuracy {acc}");
 
     // 3. PPO with the RM folder as the reward model.
-    run(with(&[
+    run_ok(&with(&[
         "train",
         "--stage",
         "ppo",
@@ -337,7 +249,7 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
 
     // 4. Predict with both adapters merged, greedy.
     let both = format!("{sft},{ppo}");
-    run(with(&[
+    run_ok(&with(&[
         "train",
         "--stage",
         "sft",
@@ -365,24 +277,19 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
         .all(|p| p["label"].is_string() && p["predict"].is_string()));
 
     // 5. Chat: one turn, then stop.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(["chat", "--model_name_or_path", model])
-        .args(["--checkpoint_dir", &both, "--do_sample", "false"])
-        .args(["--max_new_tokens", "4"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all("医生您好，我咳嗽两周了\nstop\n".as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = chat(
+        &[
+            "--model_name_or_path",
+            model,
+            "--checkpoint_dir",
+            &both,
+            "--do_sample",
+            "false",
+            "--max_new_tokens",
+            "4",
+        ],
+        "医生您好，我咳嗽两周了\nstop\n",
+    );
     assert_eq!(out.matches("Assistant: ").count(), 1, "{out}");
     eprintln!("{arch} walkthrough: {:.1}s", t0.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(&root);
@@ -419,20 +326,19 @@ fn export_roundtrip(fx: &Path, shared: &Path, arch: &str) {
     use candle_core::{DType, Device, IndexOp};
     let root = tmp(&format!("{arch}-export"));
     let src = root.join("model");
-    std::fs::create_dir_all(&src).unwrap();
     let (tok_dir, tok_file) = if arch == "chatglm1" {
         ("reference/chatglm/v1", "ice_text.model")
     } else {
         ("reference/chatglm/v2", "tokenizer.model")
     };
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fx.join(arch).join(f), src.join(f)).unwrap();
-    }
-    for f in [tok_file, "tokenizer_config.json"] {
-        std::fs::copy(shared.join(tok_dir).join(f), src.join(f)).unwrap();
-    }
+    copy_files(&fx.join(arch), &src, &["config.json", "model.safetensors"]);
+    copy_files(
+        &shared.join(tok_dir),
+        &src,
+        &[tok_file, "tokenizer_config.json"],
+    );
     let out = root.join("export");
-    llmtune(&[
+    run_ok(&[
         "export",
         "--model_name_or_path",
         src.to_str().unwrap(),

@@ -2,48 +2,19 @@
 //! SFT `checkpoint_dir`, the fixture LoRA + value head as the reward model; every output file
 //! and its contents, exact resume after kill -9, and the errors for a bad `--reward_model`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+use std::time::Duration;
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn example_data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/example")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmtune-ppo-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-/// A reward-model folder: the fixture adapter and the fixture value head side by side.
-fn reward_model(fx: &Path, name: &str) -> PathBuf {
-    let rm = tmp(name);
-    std::fs::create_dir_all(&rm).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fx.join("llama/lora").join(f), rm.join(f)).unwrap();
-    }
-    std::fs::copy(
-        fx.join("llama/value_head.safetensors"),
-        rm.join("value_head.safetensors"),
-    )
-    .unwrap();
-    rm
-}
+mod common;
+use common::{
+    copy_files, example_data, fixtures, jsonl, kill_when_exists, read_json, reward_model, run,
+    strings, tmp,
+};
 
 fn ppo_args(fx: &Path, rm: &Path, out: &Path, max_steps: u32) -> Vec<String> {
     let model = fx.join("llama");
     let sft = fx.join("llama/lora");
-    [
+    strings(&[
         "train",
         "--stage",
         "ppo",
@@ -92,40 +63,15 @@ fn ppo_args(fx: &Path, rm: &Path, out: &Path, max_steps: u32) -> Vec<String> {
         "--plot_loss",
         "--seed",
         "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn run(args: &[String]) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(args)
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
+    ])
 }
 
 #[test]
 fn ppo_writes_every_file() {
     let Some(fx) = fixtures() else { return };
-    let rm = reward_model(&fx, "rm-full");
+    let rm = reward_model(&fx, tmp("rm-full"));
     let out = tmp("full");
-    let (code, err) = run(&ppo_args(&fx, &rm, &out, 4));
+    let (code, _, err) = run(&ppo_args(&fx, &rm, &out, 4));
     assert_eq!(code, 0, "{err}");
     for f in [
         "adapter_model.safetensors",
@@ -151,11 +97,7 @@ fn ppo_writes_every_file() {
     for png in ["training_loss.png", "training_reward.png"] {
         assert_eq!(&std::fs::read(out.join(png)).unwrap()[1..4], b"PNG");
     }
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&out.join("trainer_log.jsonl"));
     assert_eq!(lines.len(), 4, "one line per step: {lines:?}");
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["current_steps"], i as u64 + 1);
@@ -252,36 +194,19 @@ fn ppo_writes_every_file() {
 #[test]
 fn ppo_resume_after_kill_is_bit_identical() {
     let Some(fx) = fixtures() else { return };
-    let rm = reward_model(&fx, "rm-resume");
+    let rm = reward_model(&fx, tmp("rm-resume"));
     let straight = tmp("straight");
-    let (code, err) = run(&ppo_args(&fx, &rm, &straight, 4));
+    let (code, _, err) = run(&ppo_args(&fx, &rm, &straight, 4));
     assert_eq!(code, 0, "{err}");
     let broken = tmp("broken");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(ppo_args(&fx, &rm, &broken, 4))
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while !broken.join("checkpoint-2").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no checkpoint-2 appeared"
-        );
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    kill_when_exists(
+        &ppo_args(&fx, &rm, &broken, 4),
+        &broken.join("checkpoint-2"),
+        Duration::from_secs(300),
+    );
     let mut args = ppo_args(&fx, &rm, &broken, 4);
     args.extend(["--resume_from_checkpoint".into(), "true".into()]);
-    let (code, err) = run(&args);
+    let (code, _, err) = run(&args);
     assert_eq!(code, 0, "{err}");
     for f in [
         "adapter_model.safetensors",
@@ -305,16 +230,17 @@ fn bad_reward_model_names_the_flag_and_file() {
     let mut args = ppo_args(&fx, Path::new("x"), &out, 1);
     let i = args.iter().position(|a| a == "--reward_model").unwrap();
     args.drain(i..i + 2);
-    let (code, err) = run(&args);
+    let (code, _, err) = run(&args);
     assert_eq!(code, 1);
     assert!(err.contains("--reward_model"), "{err}");
     // A folder with the adapter but no value head.
     let rm = tmp("rm-nohead");
-    std::fs::create_dir_all(&rm).unwrap();
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fx.join("llama/lora").join(f), rm.join(f)).unwrap();
-    }
-    let (code, err) = run(&ppo_args(&fx, &rm, &out, 1));
+    copy_files(
+        &fx.join("llama/lora"),
+        &rm,
+        &["adapter_config.json", "adapter_model.safetensors"],
+    );
+    let (code, _, err) = run(&ppo_args(&fx, &rm, &out, 1));
     assert_eq!(code, 1);
     assert!(
         err.contains("--reward_model") && err.contains("value_head.safetensors"),

@@ -3,32 +3,12 @@
 //! checkpoints with their head), `--do_predict` with the trained folder, and the errors for a
 //! folder without a value head and for a dataset without pairs.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn example_data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/example")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmtune-rm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
+mod common;
+use common::{
+    copy_files, example_data, fixtures, jsonl, read_json, run, set_flag, step_losses, strings, tmp,
+};
 
 fn rm_train_args(model: &Path, out: &Path, dataset: &str) -> Vec<String> {
     strings(&[
@@ -111,29 +91,6 @@ fn predict_args(model: &Path, ckpt: &str, out: &Path) -> Vec<String> {
     ])
 }
 
-fn run(args: &[String]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(args)
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
-}
-
 fn safetensors_keys(p: &Path) -> Vec<String> {
     let bytes = std::fs::read(p).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -191,11 +148,7 @@ fn rm_writes_every_file_and_predict_scores_pairs() {
     let task_state = read_json(&out.join("checkpoint-4/task_state.json"));
     assert!(task_state["value_head_dropout_calls"].as_u64().unwrap() > 0);
 
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&out.join("trainer_log.jsonl"));
     let losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 4, "one loss line per step: {lines:?}");
     // A fresh head starts near log 2 (rewards of a pair nearly equal).
@@ -315,11 +268,7 @@ fn rm_writes_every_file_and_predict_scores_pairs() {
     // The same scores with a different batch size (positions follow the mask).
     let pred1 = tmp("pred1");
     let mut a = predict_args(&model, out.to_str().unwrap(), &pred1);
-    let bs = a
-        .iter()
-        .position(|x| x == "--per_device_eval_batch_size")
-        .unwrap();
-    a[bs + 1] = "1".into();
+    set_flag(&mut a, "--per_device_eval_batch_size", "1");
     let i = a.iter().position(|x| x == "--do_predict").unwrap();
     a[i] = "--do_eval".into();
     let (code, _, err) = run(&a);
@@ -332,10 +281,11 @@ fn rm_writes_every_file_and_predict_scores_pairs() {
 
     // A folder without a value head (an SFT-style adapter): a clear error naming it.
     let no_head = tmp("nohead");
-    std::fs::create_dir_all(&no_head).unwrap();
-    for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        std::fs::copy(out.join(f), no_head.join(f)).unwrap();
-    }
+    copy_files(
+        &out,
+        &no_head,
+        &["adapter_model.safetensors", "adapter_config.json"],
+    );
     let (code, _, err) = run(&predict_args(
         &model,
         no_head.to_str().unwrap(),
@@ -369,8 +319,7 @@ fn rm_train_then_predict_in_one_command() {
     let out = tmp("trainpredict");
     let mut a = rm_train_args(&fx.join("llama"), &out, "example_rm");
     a.push("--do_predict".into());
-    let i = a.iter().position(|x| x == "--max_steps").unwrap();
-    a[i + 1] = "2".into();
+    set_flag(&mut a, "--max_steps", "2");
     let (code, stdout, err) = run(&a);
     assert_eq!(code, 0, "{err}");
     assert!(out.join("value_head.safetensors").is_file());
@@ -418,14 +367,6 @@ fn rm_without_an_action_says_what_to_pass() {
         err.contains("nothing to do: pass --do_train, --do_eval or --do_predict"),
         "{err}"
     );
-}
-
-fn step_losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-        .collect()
 }
 
 #[test]

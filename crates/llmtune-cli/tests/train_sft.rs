@@ -1,31 +1,18 @@
 //! `llmtune train --stage sft` end to end on the tiny fixture model and the project's example
 //! data: every output file, loss values, predict with scores, and exact resume after kill -9.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("LLMTUNE_FIXTURES") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipped: LLMTUNE_FIXTURES not set");
-            None
-        }
-    }
-}
-
-fn example_data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/example")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmtune-sft-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod common;
+use common::{
+    example_data, fixtures, jsonl, kill_when_exists, llmtune, read_json, run, set_flag,
+    step_losses, strings, tmp,
+};
 
 fn sft_args(model: &Path, out: &Path, max_steps: u32) -> Vec<String> {
-    [
+    strings(&[
         "train",
         "--stage",
         "sft",
@@ -75,37 +62,37 @@ fn sft_args(model: &Path, out: &Path, max_steps: u32) -> Vec<String> {
         "--plot_loss",
         "--seed",
         "7",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(
-        ["--lora_dropout", "0.1", "--max_samples", "40"]
-            .iter()
-            .map(|s| s.to_string()),
-    )
-    .collect()
+        "--lora_dropout",
+        "0.1",
+        "--max_samples",
+        "40",
+    ])
 }
 
-fn run(args: &[String]) -> (i32, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(args)
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
+/// `--do_predict --predict_with_generate` on `example_sft` with the trained `ckpt` merged
+/// into `model`; each test adds its lengths and sample count.
+fn predict_args(model: &Path, ckpt: &Path, out: &Path) -> Vec<String> {
+    strings(&[
+        "train",
+        "--stage",
+        "sft",
+        "--do_predict",
+        "--predict_with_generate",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--template",
+        "chatml",
+        "--dataset",
+        "example_sft",
+        "--dataset_dir",
+        example_data().to_str().unwrap(),
+        "--checkpoint_dir",
+        ckpt.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--max_source_length",
+        "64",
+    ])
 }
 
 #[test]
@@ -113,7 +100,7 @@ fn sft_writes_every_file_and_predict_scores() {
     let Some(fx) = fixtures() else { return };
     let model = fx.join("llama");
     let out = tmp("full");
-    let (code, err) = run(&sft_args(&model, &out, 6));
+    let (code, _, err) = run(&sft_args(&model, &out, 6));
     assert_eq!(code, 0, "{err}");
     for f in [
         "adapter_model.safetensors",
@@ -134,11 +121,7 @@ fn sft_writes_every_file_and_predict_scores() {
     }
     let png = std::fs::read(out.join("training_loss.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&out.join("trainer_log.jsonl"));
     let losses: Vec<f64> = lines.iter().filter_map(|l| l["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 6, "one loss line per step: {lines:?}");
     assert!(
@@ -169,43 +152,18 @@ fn sft_writes_every_file_and_predict_scores() {
 
     // Predict with the trained adapter merged: 5 lines, scores in predict_results.json.
     let pred = tmp("pred");
-    let args: Vec<String> = [
-        "train",
-        "--stage",
-        "sft",
-        "--do_predict",
-        "--predict_with_generate",
-        "--model_name_or_path",
-        model.to_str().unwrap(),
-        "--template",
-        "chatml",
-        "--dataset",
-        "example_sft",
-        "--dataset_dir",
-        example_data().to_str().unwrap(),
-        "--checkpoint_dir",
-        out.to_str().unwrap(),
-        "--output_dir",
-        pred.to_str().unwrap(),
+    let mut args = predict_args(&model, &out, &pred);
+    args.extend(strings(&[
         "--per_device_eval_batch_size",
         "2",
-        "--max_source_length",
-        "64",
         "--max_target_length",
         "8",
         "--max_samples",
         "5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let (code, err) = run(&args);
+    ]));
+    let (code, _, err) = run(&args);
     assert_eq!(code, 0, "{err}");
-    let text = std::fs::read_to_string(pred.join("generated_predictions.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = jsonl(&pred.join("generated_predictions.jsonl"));
     assert_eq!(rows.len(), 5);
     assert!(rows
         .iter()
@@ -247,35 +205,18 @@ fn resume_after_kill_is_bit_identical() {
     let Some(fx) = fixtures() else { return };
     let model = fx.join("qwen2");
     let straight = tmp("straight");
-    let (code, err) = run(&sft_args(&model, &straight, 6));
+    let (code, _, err) = run(&sft_args(&model, &straight, 6));
     assert_eq!(code, 0, "{err}");
     // Interrupted run: start, wait for checkpoint-3, kill -9, resume.
     let broken = tmp("broken");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(sft_args(&model, &broken, 6))
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !broken.join("checkpoint-3").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no checkpoint-3 appeared"
-        );
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+    kill_when_exists(
+        &sft_args(&model, &broken, 6),
+        &broken.join("checkpoint-3"),
+        Duration::from_secs(120),
+    );
     let mut args = sft_args(&model, &broken, 6);
     args.extend(["--resume_from_checkpoint".into(), "true".into()]);
-    let (code, err) = run(&args);
+    let (code, _, err) = run(&args);
     assert_eq!(code, 0, "{err}");
     let a = std::fs::read(straight.join("adapter_model.safetensors")).unwrap();
     let b = std::fs::read(broken.join("adapter_model.safetensors")).unwrap();
@@ -286,34 +227,29 @@ fn resume_after_kill_is_bit_identical() {
 
 #[test]
 fn bad_train_flags_name_the_flag() {
-    let (code, err) = run(&[
-        "train".into(),
-        "--stage".into(),
-        "sft".into(),
-        "--do_train".into(),
-    ]);
+    let (code, _, err) = run(&["train", "--stage", "sft", "--do_train"]);
     assert_eq!(code, 1);
     assert!(err.contains("--dataset is required"), "{err}");
-    let (code, err) = run(&[
-        "train".into(),
-        "--stage".into(),
-        "sft".into(),
-        "--do_train".into(),
-        "--predict_with_generate".into(),
-        "--dataset".into(),
-        "x".into(),
-        "--output_dir".into(),
-        "/tmp/x".into(),
+    let (code, _, err) = run(&[
+        "train",
+        "--stage",
+        "sft",
+        "--do_train",
+        "--predict_with_generate",
+        "--dataset",
+        "x",
+        "--output_dir",
+        "/tmp/x",
     ]);
     assert_eq!(code, 1);
     assert!(
         err.contains("--predict_with_generate cannot be used with --do_train"),
         "{err}"
     );
-    let (code, err) = run(&["train".into(), "--lora_rank".into(), "eight".into()]);
+    let (code, _, err) = run(&["train", "--lora_rank", "eight"]);
     assert_eq!(code, 2);
     assert!(err.contains("--lora_rank"), "{err}");
-    let (code, err) = run(&["train".into(), "--no_such_flag".into(), "1".into()]);
+    let (code, _, err) = run(&["train", "--no_such_flag", "1"]);
     assert_eq!(code, 2);
     assert!(err.contains("--no_such_flag"), "{err}");
 }
@@ -324,13 +260,13 @@ fn config_file_is_read_and_flags_override_it() {
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("sft.yaml");
     std::fs::write(&f, "stage: sft\ndo_train: true\n# a comment\ndataset: nope_dataset\ndataset_dir: /nonexistent\n").unwrap();
-    let (code, err) = run(&[
-        "train".into(),
-        f.to_str().unwrap().into(),
-        "--output_dir".into(),
-        dir.join("out").to_str().unwrap().into(),
-        "--model_name_or_path".into(),
-        "/nonexistent-model".into(),
+    let (code, _, err) = run(&[
+        "train",
+        f.to_str().unwrap(),
+        "--output_dir",
+        dir.join("out").to_str().unwrap(),
+        "--model_name_or_path",
+        "/nonexistent-model",
     ]);
     assert_eq!(code, 1);
     assert!(
@@ -340,32 +276,16 @@ fn config_file_is_read_and_flags_override_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Replaces the value after `flag` (or appends the pair).
-fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
-    match args.iter().position(|a| a == flag) {
-        Some(i) => args[i + 1] = value.to_string(),
-        None => args.extend([flag.to_string(), value.to_string()]),
-    }
-}
-
-fn step_losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-        .collect()
-}
-
 #[test]
 fn gradient_checkpointing_trains_like_a_plain_run() {
     let Some(fx) = fixtures() else { return };
     let model = fx.join("llama");
     let (plain, ck) = (tmp("gc-plain"), tmp("gc-on"));
-    let (code, err) = run(&sft_args(&model, &plain, 3));
+    let (code, _, err) = run(&sft_args(&model, &plain, 3));
     assert_eq!(code, 0, "{err}");
     let mut args = sft_args(&model, &ck, 3);
     args.extend(["--gradient_checkpointing".into(), "true".into()]);
-    let (code, err) = run(&args);
+    let (code, _, err) = run(&args);
     assert_eq!(code, 0, "{err}");
     let (a, b) = (step_losses(&plain), step_losses(&ck));
     assert_eq!(a.len(), 3);
@@ -405,7 +325,7 @@ fn freeze_and_full_save_the_trained_tensors_and_predict_loads_them() {
         set_flag(&mut args, "--save_steps", "2");
         set_flag(&mut args, "--eval_steps", "2");
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (code, err) = run(&args);
+        let (code, _, err) = run(&args);
         assert_eq!(code, 0, "{kind}: {err}");
         let saved = candle_core::safetensors::load(
             out.join("model.safetensors"),
@@ -446,37 +366,16 @@ fn freeze_and_full_save_the_trained_tensors_and_predict_loads_them() {
         assert!(losses.iter().all(|l| l.is_finite()), "{kind}: {losses:?}");
         // Predict with the trained tensors loaded over the base.
         let pred = tmp(&format!("ft-{kind}-pred"));
-        let args: Vec<String> = [
-            "train",
-            "--stage",
-            "sft",
-            "--do_predict",
-            "--predict_with_generate",
-            "--model_name_or_path",
-            model.to_str().unwrap(),
-            "--template",
-            "chatml",
-            "--dataset",
-            "example_sft",
-            "--dataset_dir",
-            example_data().to_str().unwrap(),
+        let mut args = predict_args(&model, &out, &pred);
+        args.extend(strings(&[
             "--finetuning_type",
             kind,
-            "--checkpoint_dir",
-            out.to_str().unwrap(),
-            "--output_dir",
-            pred.to_str().unwrap(),
-            "--max_source_length",
-            "64",
             "--max_target_length",
             "4",
             "--max_samples",
             "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let (code, err) = run(&args);
+        ]));
+        let (code, _, err) = run(&args);
         assert_eq!(code, 0, "{kind} predict: {err}");
         assert!(err.contains("trained tensors from"), "{err}");
         let n = std::fs::read_to_string(pred.join("generated_predictions.jsonl"))
@@ -509,14 +408,7 @@ fn estimate_memory_reports_the_expected_peak_and_trains_nothing() {
     let out = tmp("estimate");
     let mut args = sft_args(&fx.join("llama"), &out, 3);
     args.extend(["--estimate_memory".into(), "true".into()]);
-    let o = Command::new(env!("CARGO_BIN_EXE_llmtune"))
-        .args(&args)
-        .env(
-            "LLMTUNE_HOME",
-            std::env::temp_dir().join("llmtune-test-home"),
-        )
-        .output()
-        .unwrap();
+    let o = llmtune().args(&args).output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let expected = number_after(&stdout, "expected peak ");
@@ -541,7 +433,7 @@ fn estimate_memory_reports_the_expected_peak_and_trains_nothing() {
 
     let mut ppo = args.clone();
     ppo[2] = "ppo".into();
-    let (code, err) = run(&ppo);
+    let (code, _, err) = run(&ppo);
     assert_ne!(code, 0);
     assert!(
         err.contains("--estimate_memory works with --do_train for --stage sft and rm"),

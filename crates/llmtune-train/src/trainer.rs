@@ -158,6 +158,48 @@ fn evaluate(task: &mut dyn Task, eval_set: usize, bs: usize) -> Result<(f64, Vec
     Ok((if n == 0 { f64::NAN } else { sum / n as f64 }, metrics))
 }
 
+/// Where an optimizer step met its first non-finite loss.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NonFinite {
+    /// On this rank: the index of the (micro-)batch and the loss it gave.
+    Here(usize, f64),
+    /// On another rank (this rank learns it from [`finish_step`]'s all-reduce).
+    OtherRank,
+}
+
+/// Ends the gradient pass of an optimizer step. With several ranks, sums this rank's `loss`
+/// and `tokens` over the ranks in place and shares whether any rank met a non-finite loss (one
+/// all-reduce, so every rank stops together); with one process it changes nothing. When a
+/// loss was non-finite, returns the error that stops training: `describe` says what happened
+/// (`the loss became NaN at step 3 ...`), and the message goes on with the checkpoint to
+/// resume from.
+pub(crate) fn finish_step(
+    loss: &mut f64,
+    tokens: &mut u64,
+    mut bad: Option<NonFinite>,
+    last_good_checkpoint: Option<&Path>,
+    describe: impl FnOnce(NonFinite) -> String,
+) -> Result<()> {
+    if crate::dist::world().world_size() > 1 {
+        let flag = if bad.is_some() { 1.0 } else { 0.0 };
+        let [l, t, f] = crate::dist::sum_f64([*loss, *tokens as f64, flag])?;
+        (*loss, *tokens) = (l, t as u64);
+        if f > 0.0 && bad.is_none() {
+            bad = Some(NonFinite::OtherRank);
+        }
+    }
+    let Some(bad) = bad else {
+        return Ok(());
+    };
+    let keep = last_good_checkpoint
+        .map(|p| format!("the last good checkpoint is {}", p.display()))
+        .unwrap_or_else(|| "no checkpoint was saved yet".into());
+    Err(Error::InvalidArgument(format!(
+        "{}; stopping: {keep}. Try a lower --learning_rate or --max_grad_norm.",
+        describe(bad)
+    )))
+}
+
 /// Every rank's `(name, mean)` metrics over its `examples`, combined into the means over all
 /// examples (names in first-seen rank order).
 fn combine_metrics(
@@ -315,11 +357,11 @@ pub fn train(
             // One optimizer step: global micro-batches b..end, this rank's share of them.
             let end = ((b / group + 1) * group).min(usable);
             let scale = 1.0 / group as f64;
-            let mut bad: Option<(usize, f64)> = None;
+            let mut bad: Option<NonFinite> = None;
             for gb in (b..end).filter(|gb| gb % ws == rank) {
                 let (lv, tokens, grads) = task.loss_and_grads(batches[gb], scale, &vars)?;
                 let Some(grads) = grads.filter(|_| lv.is_finite()) else {
-                    bad = Some((gb, lv));
+                    bad = Some(NonFinite::Here(gb, lv));
                     break;
                 };
                 acc.add_gradients(&grads)?;
@@ -327,36 +369,23 @@ pub fn train(
                 step_tokens += tokens;
             }
             b = end;
-            if ws > 1 {
-                let flag = if bad.is_some() { 1.0 } else { 0.0 };
-                let [l, t, f] = crate::dist::sum_f64([step_loss, step_tokens as f64, flag])?;
-                (step_loss, step_tokens) = (l, t as u64);
-                if f > 0.0 && bad.is_none() {
-                    bad = Some((usize::MAX, f64::NAN));
-                }
-            }
-            if let Some((gb, lv)) = bad {
-                let keep = last_good_checkpoint
-                    .as_ref()
-                    .map(|p| format!("the last good checkpoint is {}", p.display()))
-                    .unwrap_or_else(|| "no checkpoint was saved yet".into());
-                let what = if gb == usize::MAX {
-                    "on another rank".to_string()
-                } else {
-                    format!("{lv}")
-                };
-                let at = if gb == usize::MAX {
-                    String::new()
-                } else {
-                    format!(", batch {gb}")
-                };
-                return Err(Error::InvalidArgument(format!(
-                    "the loss became {what} at step {} (epoch {}{at}); stopping: {keep}. \
-                     Try a lower --learning_rate or --max_grad_norm.",
-                    state.global_step + 1,
-                    pos.epoch
-                )));
-            }
+            finish_step(
+                &mut step_loss,
+                &mut step_tokens,
+                bad,
+                last_good_checkpoint.as_deref(),
+                |bad| {
+                    let (what, at) = match bad {
+                        NonFinite::Here(gb, lv) => (format!("{lv}"), format!(", batch {gb}")),
+                        NonFinite::OtherRank => ("on another rank".to_string(), String::new()),
+                    };
+                    format!(
+                        "the loss became {what} at step {} (epoch {}{at})",
+                        state.global_step + 1,
+                        pos.epoch
+                    )
+                },
+            )?;
             // Optimizer step.
             let mut g: Gradients = if acc.micro_batches() == 0 {
                 crate::dist::zero_gradients(&vars)?

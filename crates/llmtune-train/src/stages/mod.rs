@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use llmtune_adapters::{Checkpoints, LoraConfig};
 use llmtune_data::template::Template;
 use llmtune_data::{DataArgs, Stage};
 use llmtune_models::{CausalLm, Pretrained, Tokenizer};
@@ -244,6 +245,36 @@ pub fn lora_target(args: &TrainArgs, model: &llmtune_models::CausalLm) -> String
     args.lora_target
         .clone()
         .unwrap_or_else(|| model.default_lora_target().into())
+}
+
+/// The run's LoRA settings: `--lora_rank`, `--lora_alpha`, `--lora_dropout` on the targets of
+/// [`lora_target`].
+pub fn lora_config(args: &TrainArgs, model: &llmtune_models::CausalLm) -> Result<LoraConfig> {
+    LoraConfig::new(
+        args.lora_rank,
+        args.lora_alpha,
+        args.lora_dropout,
+        &lora_target(args, model),
+    )
+    .map_err(other)
+}
+
+/// Makes sure `ck` holds a trainable adapter (the resumed `--checkpoint_dir` one, else a fresh
+/// one from [`lora_config`] and `--seed`), seeds its dropout with `--seed` and switches it to
+/// training. Returns the adapter's name.
+pub fn trainable_lora(
+    args: &TrainArgs,
+    model: &mut llmtune_models::CausalLm,
+    ck: &mut Checkpoints,
+) -> Result<String> {
+    let cfg = lora_config(args, model)?;
+    let adapter = ck
+        .ensure_trainable(model, &cfg, args.seed)
+        .map_err(other)?
+        .to_string();
+    ck.lora.set_dropout_seed(args.seed);
+    ck.lora.set_training(true);
+    Ok(adapter)
 }
 
 pub(crate) fn check_finetuning(args: &TrainArgs) -> Result<()> {

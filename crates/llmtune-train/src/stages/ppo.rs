@@ -53,6 +53,7 @@ use crate::progress::{Progress, StepStats};
 use crate::rng::Rng;
 use crate::schedule::{num_warmup_steps, LrScheduler};
 use crate::state::{f64_value, save_metrics, speed_metrics, Metrics, TrainerState};
+use crate::trainer::{finish_step, NonFinite};
 
 /// Name of the reward model's adapter on the shared backbone.
 pub const REWARD_ADAPTER: &str = "reward";
@@ -292,13 +293,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let out = super::output_dir(args, true)?;
     let (mut p, base_name) = super::load_model(args, device)?;
     let template = super::template_name(args, &p);
-    let lora_cfg = LoraConfig::new(
-        args.lora_rank,
-        args.lora_alpha,
-        args.lora_dropout,
-        &super::lora_target(args, &p.model),
-    )
-    .map_err(other)?;
+    let lora_cfg = super::lora_config(args, &p.model)?;
     let dirs = args.checkpoint_dirs();
     let models = load_models(
         &mut p.model,
@@ -611,7 +606,7 @@ fn train_ppo(
         critic.set_training(true);
         let mut step_loss = 0.0;
         let mut step_tokens = 0u64;
-        let mut bad: Option<(usize, f64)> = None;
+        let mut bad: Option<NonFinite> = None;
         for (mi, ro) in rollouts.iter().enumerate() {
             let pol = policy_forward(model, Some(&critic), &ro.batch)?;
             let vpreds = pol
@@ -621,7 +616,7 @@ fn train_ppo(
             let out = ppo_loss(&ro.mb, &pol.logprobs, vpreds, Some(&pol.logits), &hp)?;
             let lv = out.stats.loss;
             if !lv.is_finite() {
-                bad = Some((mi, lv));
+                bad = Some(NonFinite::Here(mi, lv));
                 break;
             }
             let grads = (out.loss / (accum * ws) as f64)?.backward()?;
@@ -629,29 +624,19 @@ fn train_ppo(
             step_loss += lv / (rollouts.len() * ws) as f64;
             step_tokens += ro.batch.tokens()?;
         }
-        if ws > 1 {
-            let flag = if bad.is_some() { 1.0 } else { 0.0 };
-            let [l, t, f] = crate::dist::sum_f64([step_loss, step_tokens as f64, flag])?;
-            (step_loss, step_tokens) = (l, t as u64);
-            if f > 0.0 && bad.is_none() {
-                bad = Some((usize::MAX, f64::NAN));
-            }
-        }
-        if let Some((mi, lv)) = bad {
-            let keep = last_good_checkpoint
-                .as_ref()
-                .map(|p| format!("the last good checkpoint is {}", p.display()))
-                .unwrap_or_else(|| "no checkpoint was saved yet".into());
-            let what = if mi == usize::MAX {
-                "non-finite on another rank".to_string()
-            } else {
-                format!("{lv} at step {} (mini-batch {mi})", step + 1)
-            };
-            return Err(Error::InvalidArgument(format!(
-                "the PPO loss became {what}; stopping: {keep}. \
-                 Try a lower --learning_rate or --max_grad_norm."
-            )));
-        }
+        finish_step(
+            &mut step_loss,
+            &mut step_tokens,
+            bad,
+            last_good_checkpoint.as_deref(),
+            |bad| match bad {
+                NonFinite::Here(mi, lv) => format!(
+                    "the PPO loss became {lv} at step {} (mini-batch {mi})",
+                    step + 1
+                ),
+                NonFinite::OtherRank => "the PPO loss became non-finite on another rank".into(),
+            },
+        )?;
         let mut g: Gradients = acc.finish()?;
         crate::dist::all_reduce_gradients(&mut g)?;
         if args.max_grad_norm > 0.0 {

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use llmtune_adapters::value_head::{gather_last, last_token_index, VALUE_HEAD_NAME};
-use llmtune_adapters::{apply_checkpoints, pairwise_ranking_loss, Lora, LoraConfig, ValueHead};
+use llmtune_adapters::{apply_checkpoints, pairwise_ranking_loss, Lora, ValueHead};
 use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
 use llmtune_models::{CausalLm, Pretrained};
 
@@ -297,19 +297,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> 
     let dirs = args.checkpoint_dirs();
     let mut ck =
         apply_checkpoints(&mut p.model, &dirs, args.resume_lora_training, true).map_err(other)?;
-    let cfg = LoraConfig::new(
-        args.lora_rank,
-        args.lora_alpha,
-        args.lora_dropout,
-        &super::lora_target(args, &p.model),
-    )
-    .map_err(other)?;
-    let adapter = ck
-        .ensure_trainable(&mut p.model, &cfg, args.seed)
-        .map_err(other)?
-        .to_string();
-    ck.lora.set_dropout_seed(args.seed);
-    ck.lora.set_training(true);
+    let adapter = super::trainable_lora(args, &mut p.model, &mut ck)?;
     // The value head: the last checkpoint_dir's when it has one (the reference loads it too),
     // else a fresh one.
     let hidden = p.model.hidden_size();

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use llmtune_adapters::{Lora, LoraConfig, ModuleGroup};
+use llmtune_adapters::{Lora, ModuleGroup};
 use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
 use llmtune_models::CausalLm;
 
@@ -224,19 +224,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             (Trained::Params(vars.clone()), vars)
         }
         _ => {
-            let cfg = LoraConfig::new(
-                args.lora_rank,
-                args.lora_alpha,
-                args.lora_dropout,
-                &super::lora_target(args, &p.model),
-            )
-            .map_err(other)?;
-            let adapter = ck
-                .ensure_trainable(&mut p.model, &cfg, args.seed)
-                .map_err(other)?
-                .to_string();
-            ck.lora.set_dropout_seed(args.seed);
-            ck.lora.set_training(true);
+            let adapter = super::trainable_lora(args, &mut p.model, &mut ck)?;
             let vars = ck.lora.trainable();
             let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             eprintln!(
