@@ -78,7 +78,10 @@ pub fn cpu_bf16(args: &TrainArgs, device: &Device, model: &mut CausalLm) -> Resu
             "--bf16 on CPU: frozen linear weights in bf16 through MKL's bf16 GEMM; activations, adapters and optimizer in f32"
         );
     } else {
-        eprintln!("warning: --bf16 on CPU is not supported for {} yet; training runs in f32", model.arch());
+        eprintln!(
+            "warning: --bf16 on CPU is not supported for {} yet; training runs in f32",
+            model.arch()
+        );
     }
     Ok(())
 }
