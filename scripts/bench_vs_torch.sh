@@ -9,6 +9,7 @@
 #   scripts/bench_vs_torch.sh [--shape smollm2-135m] [--batch 4] [--seq 256] [--lora_rank 8]
 #       [--lora_target q_proj,v_proj] [--steps 3] [--dtype f32|bf16] [--device cpu|cuda]
 #       [--threads 2] [--model PATH.gguf] [--new_tokens 128] [--skip_train] [--skip_decode]
+#       [--mkl auto|off]
 #
 # The last three lines are machine-readable (ours / theirs; higher is better for the first and
 # third, lower for the second; `n/a` where our side exits 2, i.e. not yet implemented):
@@ -29,6 +30,11 @@
 #     when missing;
 #   * the GGUF (default $LLMTUNE_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf, LLMTUNE_HOME default
 #     ~/.cache/llmtune): fetched by llmtune's own `smollm2-135m` alias when missing.
+#   * MKL for our CPU products: LLMTUNE_MKL when set, else scripts/setup_mkl.sh fetches it from
+#     PyPI (`--mkl off` keeps the binary's own products: OpenBLAS or candle's gemm). With MKL and
+#     --dtype f32 on cpu, our step also runs with --dtype bf16 (bf16 linear weights through MKL's
+#     AMX/AVX-512-BF16 GEMM, f32 activations), reported as
+#     `train_bf16_ratio_vs_torch_f32: X` with both loss curves, before the last three lines.
 # LLMTUNE_SHARED (default <repo>/../shared) must hold tools/torch_lora_bench.py.
 #
 # Threads: torch gets --threads, llama-bench -t, llmtune RAYON_NUM_THREADS. Decode runs on CPU
@@ -45,7 +51,7 @@ LLMTUNE_BIN="${LLMTUNE_BIN:-$REPO/target/release/llmtune}"
 export LLMTUNE_HOME="${LLMTUNE_HOME:-$HOME/.cache/llmtune}"
 
 SHAPE=smollm2-135m BATCH=4 SEQ=256 RANK=8 TARGET=q_proj,v_proj STEPS=3 DTYPE=f32 DEVICE=cpu
-THREADS=2 MODEL="" NEW_TOKENS=128 DO_TRAIN=1 DO_DECODE=1
+THREADS=2 MODEL="" NEW_TOKENS=128 DO_TRAIN=1 DO_DECODE=1 MKL=auto
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --shape) SHAPE="$2"; shift 2 ;;
@@ -61,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --new_tokens) NEW_TOKENS="$2"; shift 2 ;;
     --skip_train) DO_TRAIN=0; shift ;;
     --skip_decode) DO_DECODE=0; shift ;;
+    --mkl) MKL="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench_vs_torch.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
@@ -135,6 +142,16 @@ run_ours() {
   fi
 }
 
+ensure_mkl() {
+  if [[ "$MKL" == off ]]; then unset LLMTUNE_MKL; return; fi
+  if [[ -n "${LLMTUNE_MKL:-}" || "$DEVICE" != cpu ]]; then return; fi
+  if LLMTUNE_MKL="$("$REPO/scripts/setup_mkl.sh")"; then
+    export LLMTUNE_MKL
+  else
+    log "could not fetch MKL; llmtune runs with the products it was built with"
+  fi
+}
+
 # ---------------------------------------------------------------- train step
 TORCH_TPS="" TORCH_RSS="" OURS_TPS="" OURS_RSS=""
 if [[ $DO_TRAIN == 1 ]]; then
@@ -147,11 +164,21 @@ if [[ $DO_TRAIN == 1 ]]; then
   log "torch: torch_lora_bench.py ${FLAGS[*]} --threads $THREADS (load $(load))"
   TORCH_LINE="$("$REF_VENV/bin/python" "$TORCH_BENCH" "${FLAGS[@]}" --threads "$THREADS" | tee /dev/stderr | tail -n 1)"
   TORCH_TPS="$(field tokens_per_s "$TORCH_LINE")"; TORCH_RSS="$(field peak_rss_mb "$TORCH_LINE")"
-  log "llmtune: bench train ${FLAGS[*]} (load $(load))"
+  ensure_mkl
+  log "llmtune: bench train ${FLAGS[*]} (load $(load); LLMTUNE_MKL=${LLMTUNE_MKL:-unset})"
   run_ours OURS_LINE "$LLMTUNE_BIN" bench train "${FLAGS[@]}"
   OURS_TPS="$(field tokens_per_s "$OURS_LINE")"; OURS_RSS="$(field peak_rss_mb "$OURS_LINE")"
   echo "torch:   ${TORCH_LINE}"
   echo "llmtune: ${OURS_LINE:-n/a}"
+  BF16_TPS=""
+  if [[ -n "${LLMTUNE_MKL:-}" && "$DTYPE" == f32 && "$DEVICE" == cpu ]]; then
+    BF16_FLAGS=(--shape "$SHAPE" --batch "$BATCH" --seq "$SEQ" --lora_rank "$RANK"
+                --lora_target "$TARGET" --steps "$STEPS" --dtype bf16 --device cpu)
+    log "llmtune: bench train ${BF16_FLAGS[*]} (load $(load))"
+    run_ours OURS_BF16_LINE "$LLMTUNE_BIN" bench train "${BF16_FLAGS[@]}"
+    BF16_TPS="$(field tokens_per_s "$OURS_BF16_LINE")"
+    echo "llmtune bf16: ${OURS_BF16_LINE:-n/a}"
+  fi
 fi
 
 # ---------------------------------------------------------------- decode
@@ -176,6 +203,9 @@ if [[ $DO_DECODE == 1 ]]; then
   echo "llmtune decode tokens_per_s: ${OURS_DEC:-n/a}"
 fi
 
+if [[ -n "${BF16_TPS:-}" ]]; then
+  echo "train_bf16_ratio_vs_torch_f32: $(ratio "$BF16_TPS" "$TORCH_TPS")"
+fi
 echo "train_ratio_vs_torch: $(ratio "$OURS_TPS" "$TORCH_TPS")"
 echo "rss_ratio_vs_torch: $(ratio "$OURS_RSS" "$TORCH_RSS")"
 echo "decode_ratio_vs_llamacpp: $(ratio "$OURS_DEC" "$LLAMA_TPS")"
