@@ -299,6 +299,42 @@ fn gradient_checkpointing_trains_like_a_plain_run() {
     std::fs::remove_dir_all(&ck).unwrap();
 }
 
+/// `--bf16` on the CPU: with MKL (`LLMTUNE_MKL`, as `.ci/run`'s MKL step sets it) the frozen
+/// linear weights run in bf16 and the loss curve tracks the f32 run's (bf16 rounding of
+/// weights and activations: within 2% of each logged loss); without MKL it says so and trains
+/// in f32, giving the f32 losses to the logged digit.
+#[test]
+fn bf16_on_cpu_tracks_f32_or_says_it_needs_mkl() {
+    let Some(fx) = fixtures() else { return };
+    let model = fx.join("llama");
+    let (f32_dir, bf16_dir) = (tmp("bf16-ref"), tmp("bf16-on"));
+    let (code, _, err) = run(&sft_args(&model, &f32_dir, 3));
+    assert_eq!(code, 0, "{err}");
+    let mut args = sft_args(&model, &bf16_dir, 3);
+    args.push("--bf16".into());
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    let (a, b) = (step_losses(&f32_dir), step_losses(&bf16_dir));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a.len(), b.len());
+    let mkl = std::env::var("LLMTUNE_MKL").is_ok_and(|v| !v.is_empty());
+    if mkl {
+        assert!(
+            err.contains("--bf16 on CPU: frozen linear weights in bf16"),
+            "{err}"
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 0.02 * x.abs(), "f32 {a:?} vs bf16 {b:?}");
+        }
+        assert_ne!(a, b, "bf16 compute should change the losses' low digits");
+    } else {
+        assert!(err.contains("--bf16 on CPU needs MKL"), "{err}");
+        assert_eq!(a, b);
+    }
+    std::fs::remove_dir_all(&f32_dir).unwrap();
+    std::fs::remove_dir_all(&bf16_dir).unwrap();
+}
+
 #[test]
 fn freeze_and_full_save_the_trained_tensors_and_predict_loads_them() {
     let Some(fx) = fixtures() else { return };
