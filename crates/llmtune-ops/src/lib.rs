@@ -78,12 +78,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     };
     let b = b.as_ref();
     let m: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = if dims.len() == 2 && x.device().is_cpu() {
-        x.clone() // the CPU gemm reads any 2-D strides
+    // The op takes any rank >= 2 whose leading dims collapse to strided rows (no reshape
+    // nodes in the graph); the CPU reads any 2-D strides, CUDA wants unit-stride rows.
+    let nd = dims.len() >= 2
+        && (x.device().is_cpu() || x.is_contiguous())
+        && linear::rows_view(x.layout(), out).is_some();
+    let x2 = if nd {
+        x.clone()
     } else if dims.len() == 2 {
         x.contiguous()?
     } else {
-        x.reshape((m, inp))? // a view when contiguous, a (tracked) copy otherwise
+        x.reshape((m, inp))? // a (tracked) copy: the strides do not collapse
     };
     let frozen_bias = b
         .filter(|b| !b.track_op())
@@ -101,7 +106,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) if b.track_op() => y.broadcast_add(b)?,
         _ => y,
     };
-    if dims.len() == 2 {
+    if y.rank() == dims.len() {
         Ok(y)
     } else {
         let mut out_dims = dims[..dims.len() - 1].to_vec();

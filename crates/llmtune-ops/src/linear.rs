@@ -57,6 +57,87 @@ fn fwd_generic<S: BackendStorage>(
     Ok((y, Shape::from((m, n))))
 }
 
+/// The `[m, k]` view of an input `[.., k]` whose leading dims collapse into one strided dim
+/// (`None` otherwise), and the output shape `[.., n]`. An input of rank > 2 then goes into the
+/// op as it is: no reshape nodes around the product in the autograd graph (each such node
+/// costs a zero-filled buffer and an add in candle's backward).
+pub(crate) fn rows_view(l: &Layout, n: usize) -> Option<(Layout, Shape)> {
+    let d = l.dims();
+    let st = l.stride();
+    let r = d.len();
+    if r < 2 {
+        return None;
+    }
+    let k = d[r - 1];
+    let m: usize = d[..r - 1].iter().product();
+    let mut out = d.to_vec();
+    out[r - 1] = n;
+    if r == 2 {
+        return Some((l.clone(), Shape::from(out)));
+    }
+    // The leading dims must step through rows of one stride: st[i] = st[i + 1] * d[i + 1]
+    // (dims of size 1 do not matter).
+    let row = st[r - 2];
+    let mut expect = row * d[r - 2];
+    for i in (0..r - 2).rev() {
+        if d[i] > 1 && st[i] != expect {
+            return None;
+        }
+        expect *= d[i];
+    }
+    let row = if m <= 1 { k.max(1) } else { row };
+    let view = Layout::new(Shape::from((m, k)), vec![row, st[r - 1]], l.start_offset());
+    Some((view, Shape::from(out)))
+}
+
+/// The 2-D view of the op's input, or an error for a layout `linear` does not hand over.
+fn rows_or_err(l: &Layout, w: &Layout) -> Result<(Layout, Shape)> {
+    let n = w.dims().first().copied().unwrap_or(0);
+    rows_view(l, n).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "linear: input strides {:?} of {:?} do not collapse to rows",
+            l.stride(),
+            l.dims()
+        ))
+    })
+}
+
+/// `t` (`[.., c]`) as `[rows, c]` (a view when contiguous; used on detached values in backward).
+fn as_rows(t: &Tensor) -> Result<Tensor> {
+    let c = t.dims().last().copied().unwrap_or(1);
+    if t.rank() == 2 {
+        Ok(t.clone())
+    } else {
+        t.reshape((t.elem_count() / c.max(1), c))
+    }
+}
+
+/// The CPU forward of an input of any rank >= 2 (see [`rows_view`]).
+fn fwd_cpu_nd(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    b: Option<&Tensor>,
+) -> Result<(CpuStorage, Shape)> {
+    let (x2, shape) = rows_or_err(xl, wl)?;
+    let (y, _) = fwd_cpu(x, &x2, w, wl, b)?;
+    Ok((y, shape))
+}
+
+/// The CUDA forward of an input of any rank >= 2 (see [`rows_view`]).
+fn fwd_cuda_nd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    b: Option<&Tensor>,
+) -> Result<(CudaStorage, Shape)> {
+    let (x2, shape) = rows_or_err(xl, wl)?;
+    let (y, _) = fwd_cuda(x, &x2, w, wl, b)?;
+    Ok((y, shape))
+}
+
 /// The CPU forward: the matmul, then the bias added in place (no second `[m, n]` buffer).
 fn fwd_cpu(
     x: &CpuStorage,
@@ -180,17 +261,19 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         crate::cpu::with_cpu(&self.w, "linear", |ws, wl| {
-            fwd_cpu(s, l, ws, wl, self.b.as_ref())
+            fwd_cpu_nd(s, l, ws, wl, self.b.as_ref())
         })
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        with_cuda(&self.w, |ws, wl| fwd_cuda(s, l, ws, wl, self.b.as_ref()))
+        with_cuda(&self.w, |ws, wl| fwd_cuda_nd(s, l, ws, wl, self.b.as_ref()))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // [m, n] @ [n, k]; `w` is not tracked, so this records no graph.
-        Ok(Some(matmul_2d(grad, &self.w)?))
+        Ok(Some(
+            matmul_2d(&as_rows(grad)?, &self.w)?.reshape(x.dims())?,
+        ))
     }
 }
 
@@ -206,7 +289,7 @@ impl CustomOp2 for TrainLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fwd_cpu(xs, xl, ws, wl, self.b.as_ref())
+        fwd_cpu_nd(xs, xl, ws, wl, self.b.as_ref())
     }
 
     fn cuda_fwd(
@@ -216,7 +299,7 @@ impl CustomOp2 for TrainLinear {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fwd_cuda(xs, xl, ws, wl, self.b.as_ref())
+        fwd_cuda_nd(xs, xl, ws, wl, self.b.as_ref())
     }
 
     fn bwd(
@@ -226,13 +309,14 @@ impl CustomOp2 for TrainLinear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = as_rows(grad)?;
         let dx = if x.track_op() {
-            Some(matmul_2d(grad, &w.detach())?)
+            Some(matmul_2d(&g, &w.detach())?.reshape(x.dims())?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            Some(matmul_2d(&grad.t()?, &x.detach())?)
+            Some(matmul_2d(&g.t()?, &as_rows(&x.detach())?)?)
         } else {
             None
         };
