@@ -5,14 +5,15 @@
 //!
 //! Tolerance. Both paths run the same quantized kernels on activations quantized the same
 //! way and the same row kernels for RMSNorm, RoPE, softmax and SwiGLU; only the attention's
-//! `q k^T` and `p v` add up in another order (candle's gemm vs. the engine's loops), a
-//! relative difference of a few f32 ulps (~1e-7) in the attention output. That can move an
-//! activation of the next product across an 8-bit rounding boundary, which changes that one
-//! input by one quantization step (`max|x| / 127` of its block of 32) and the product's
-//! outputs by at most `|w| * step`. Measured over these models the logits differ by at most
-//! ~1e-5 of the largest logit; the bound asserted is 1e-4 of the largest logit (an order of
-//! magnitude above what one such flip in a 2-layer model gives, and three orders below the
-//! gap a real bug such as a wrong position, head or residual produces).
+//! `q k^T` and `p v` add up in another order (candle's gemm vs. the engine's loops): a few
+//! f32 ulps. Measured: logits agree to <= 5e-7 of the largest logit at almost every
+//! position, the same spread as between the tensor path's own full-sequence pass and its
+//! KV-cache pass. Rarely, such an ulp moves an activation of the next product across an
+//! 8-bit rounding boundary: that input changes by one quantization step (`max|x| / 127` of
+//! its block of 32), and the logits by up to ~2e-3 of the largest (measured 1.9e-3 once in
+//! 13 positions of the SmolLM2-shaped model). So: every position within `FLIP_TOL` = 1e-2,
+//! and at most 2 positions of a run (13 or 5 positions) past `TOL` = 1e-5. A real bug (a wrong
+//! position, head, key or residual) moves every position past 1e-2.
 
 #[path = "common/tiny_gguf.rs"]
 mod tiny_gguf;
@@ -23,7 +24,15 @@ use llmtune_models::gguf::load_gguf_quantized;
 use llmtune_models::{DecodeEngine, Llama};
 use tiny_gguf::{write_model, Dims};
 
-const TOL: f32 = 1e-4;
+const TOL: f32 = 1e-5;
+const FLIP_TOL: f32 = 1e-2;
+
+/// Relative differences of one run (see the module docs).
+fn check_rels(rels: &[f32], what: &str) {
+    assert!(rels.iter().all(|&r| r < FLIP_TOL), "{what}: {rels:?}");
+    let far = rels.iter().filter(|&&r| r >= TOL).count();
+    assert!(far <= 2, "{what}: {far} positions past {TOL}: {rels:?}");
+}
 
 fn dims() -> Vec<Dims> {
     let base = Dims {
@@ -39,6 +48,18 @@ fn dims() -> Vec<Dims> {
         seed: 0x5eed,
     };
     vec![
+        // SmolLM2-135M's attention shape: 9 heads of 64, 3 kv heads.
+        Dims {
+            vocab: 256,
+            hidden: 576,
+            ffn: 1536,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            dtype: GgmlDType::Q4_1,
+            seed: 5,
+            ..base
+        },
         // GQA (2 query heads per kv head), Q8_0, tied quantized head.
         base,
         // Q4_1, no GQA, an untied Q4_1 head, 3 layers.
@@ -97,6 +118,23 @@ fn tensor_logits(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
     l.squeeze(0).unwrap().to_vec2().unwrap()
 }
 
+/// The same from the tensor path's KV cache, one token at a time.
+fn incremental_logits(m: &Llama, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache();
+    tokens
+        .iter()
+        .map(|&t| {
+            let x = Tensor::from_vec(vec![t], (1, 1), &Device::Cpu).unwrap();
+            m.forward_last(&x, None, Some(&mut cache))
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn engine_logits_match_tensor_path() {
     for (i, d) in dims().iter().enumerate() {
@@ -104,6 +142,7 @@ fn engine_logits_match_tensor_path() {
         assert!(DecodeEngine::supports(&m));
         let tokens = ids(13, d.vocab);
         let want = tensor_logits(&m, &tokens);
+        let inc = incremental_logits(&m, &tokens);
         let mut runs: Vec<Vec<Vec<f32>>> = Vec::new();
         // 1 and 2 members; capacity 3 grows (to 6, 12, then 24) on the way.
         for (threads, cap) in [(1, 64), (2, 64), (2, 3), (1, 3)] {
@@ -112,15 +151,16 @@ fn engine_logits_match_tensor_path() {
                 .unwrap();
             assert_eq!(e.threads(), threads);
             let mut got = Vec::new();
+            let mut rels = Vec::new();
             for (p, &t) in tokens.iter().enumerate() {
                 let l = e.step(t).unwrap().to_vec();
                 let r = rel(&l, &want[p]);
-                assert!(
-                    r < TOL,
-                    "{d:?} threads {threads} cap {cap} pos {p}: rel {r}"
-                );
+                let ri = rel(&inc[p], &want[p]);
+                eprintln!("{i} threads {threads} cap {cap} pos {p}: engine {r:.3e}, tensor path incremental {ri:.3e}");
+                rels.push(r);
                 got.push(l);
             }
+            check_rels(&rels, &format!("{d:?} threads {threads} cap {cap}"));
             assert_eq!(e.len(), tokens.len());
             if cap == 3 {
                 assert_eq!(e.capacity(), 24, "grew geometrically");
@@ -149,11 +189,12 @@ fn engine_continues_a_prefilled_cache() {
             let mut e = DecodeEngine::with_threads(&m, 4, threads).unwrap().unwrap();
             e.load_cache(&cache).unwrap();
             assert_eq!(e.len(), 6);
+            let mut rels = Vec::new();
             for p in 6..tokens.len() {
                 let l = e.step(tokens[p]).unwrap();
-                let r = rel(l, &want[p]);
-                assert!(r < TOL, "{d:?} threads {threads} pos {p}: rel {r}");
+                rels.push(rel(l, &want[p]));
             }
+            check_rels(&rels, &format!("{d:?} threads {threads}"));
         }
     }
 }
