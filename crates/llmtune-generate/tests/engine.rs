@@ -46,7 +46,10 @@ fn greedy_one_prompt_equals_batched_path() {
         ..Default::default()
     };
     let mut streamed = Vec::new();
-    let one = generate(&m, &[prompt.clone()], 0, &cfg, |r, t| streamed.push((r, t))).unwrap();
+    let one = generate(&m, std::slice::from_ref(&prompt), 0, &cfg, |r, t| {
+        streamed.push((r, t))
+    })
+    .unwrap();
     // Two identical rows take the general path; greedy rows are independent.
     let two = generate(&m, &[prompt.clone(), prompt.clone()], 0, &cfg, |_, _| {}).unwrap();
     assert_eq!(one[0], two[0]);
@@ -63,7 +66,7 @@ fn greedy_one_prompt_equals_batched_path() {
         stop_ids: vec![stop],
         ..cfg.clone()
     };
-    let s1 = generate(&m, &[prompt.clone()], 0, &cfg_stop, |_, _| {}).unwrap();
+    let s1 = generate(&m, std::slice::from_ref(&prompt), 0, &cfg_stop, |_, _| {}).unwrap();
     let s2 = generate(
         &m,
         &[prompt.clone(), prompt.clone()],
@@ -91,15 +94,23 @@ fn sampled_one_prompt_equals_general_path_and_cancels() {
         seed: 11,
         ..Default::default()
     };
-    let engine = generate(&m, &[prompt.clone()], 0, &cfg, |_, _| {}).unwrap();
+    let engine = generate(&m, std::slice::from_ref(&prompt), 0, &cfg, |_, _| {}).unwrap();
     // The general path for one row (the only test here that changes the variable).
     std::env::set_var("LLMTUNE_DECODE_ENGINE", "0");
-    let general = generate(&m, &[prompt.clone()], 0, &cfg, |_, _| {}).unwrap();
+    let general = generate(&m, std::slice::from_ref(&prompt), 0, &cfg, |_, _| {}).unwrap();
     std::env::remove_var("LLMTUNE_DECODE_ENGINE");
     assert_eq!(engine, general);
     // Cancelled before the first token: nothing generated.
     let cancel = std::sync::atomic::AtomicBool::new(true);
-    let c = generate_cancellable(&m, &[prompt.clone()], 0, &cfg, |_, _| {}, &cancel).unwrap();
+    let c = generate_cancellable(
+        &m,
+        std::slice::from_ref(&prompt),
+        0,
+        &cfg,
+        |_, _| {},
+        &cancel,
+    )
+    .unwrap();
     assert_eq!(c[0].finish, FinishReason::Cancelled);
     assert!(c[0].tokens.is_empty());
     // Cancelled from the callback after 3 tokens: the row ends there.

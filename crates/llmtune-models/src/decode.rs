@@ -241,9 +241,9 @@ impl<'m> DecodeEngine<'m> {
                 .all(|x| x.quant.is_some() && x.adapter.is_none())
             })
             && model.lm_head.as_ref().is_none_or(|h| h.adapter.is_none())
-            && model.cfg.hidden_size.is_multiple_of(QK)
-            && model.cfg.intermediate_size.is_multiple_of(QK)
-            && (model.cfg.num_attention_heads * model.cfg.head_dim).is_multiple_of(QK)
+            && model.cfg.hidden_size % QK == 0
+            && model.cfg.intermediate_size % QK == 0
+            && (model.cfg.num_attention_heads * model.cfg.head_dim) % QK == 0
     }
 
     /// An engine for `model` with room for `capacity` positions (grown when exceeded), with

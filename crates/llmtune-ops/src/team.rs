@@ -66,7 +66,7 @@ fn wait_until(done: impl Fn() -> bool, park: Option<&AtomicBool>, quit: &AtomicB
             return;
         }
         n = n.wrapping_add(1);
-        if n % 64 != 0 {
+        if !n.is_multiple_of(64) {
             std::hint::spin_loop();
             continue;
         }
