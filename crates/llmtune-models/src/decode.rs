@@ -190,6 +190,9 @@ pub struct DecodeEngine<'m> {
     final_norm: Vec<f32>,
     head: Head,
     team: Team,
+    /// Members used for the current token: all of the team's, or 1 (see [`Tuner`]).
+    active: usize,
+    tuner: Tuner,
     kv: Vec<KvBuf>,
     capacity: usize,
     len: usize,
@@ -340,6 +343,8 @@ impl<'m> DecodeEngine<'m> {
             final_norm: f32_vec(&model.norm.weight)?,
             head,
             team: Team::new(threads),
+            active: threads.max(1),
+            tuner: Tuner::new(threads > 1 && adapt_enabled()),
             kv,
             capacity,
             len: 0,
@@ -370,6 +375,13 @@ impl<'m> DecodeEngine<'m> {
     /// Members of the worker team (the calling thread included).
     pub fn threads(&self) -> usize {
         self.team.threads()
+    }
+
+    /// Whether tokens may run on the calling thread alone when that measures faster than the
+    /// team (on by default with more than one thread, unless `LLMTUNE_DECODE_ADAPT=0`; see
+    /// `Tuner`). Off: every token runs on the whole team.
+    pub fn set_adaptive(&mut self, on: bool) {
+        self.tuner = Tuner::new(on && self.team.threads() > 1);
     }
 
     /// Forgets every position.
@@ -456,6 +468,12 @@ impl<'m> DecodeEngine<'m> {
             )));
         }
         self.reserve(self.len + 1);
+        let start = std::time::Instant::now();
+        self.active = if self.tuner.team_now() {
+            self.team.threads()
+        } else {
+            1
+        };
         self.embed(token)?;
         let pos = self.len;
         // Angles in f32 as `Rotary::cos_sin`.
@@ -475,6 +493,7 @@ impl<'m> DecodeEngine<'m> {
         }
         self.len += 1;
         self.head()?;
+        self.tuner.record(start.elapsed().as_secs_f64());
         Ok(&self.s.logits)
     }
 
@@ -505,9 +524,9 @@ impl<'m> DecodeEngine<'m> {
     }
 
     /// Runs the products on the team.
-    fn products(team: &Team, products: &[Product<'_>]) {
-        let step = Step::new(products, team.threads());
-        team.run(&|m| step.run(m));
+    fn products(team: &Team, active: usize, products: &[Product<'_>]) {
+        let step = Step::new(products, active);
+        run_on(team, active, &|m| step.run(m));
     }
 
     fn layer(&mut self, li: usize, pos: usize) {
@@ -523,7 +542,7 @@ impl<'m> DecodeEngine<'m> {
             product(&l.k, &s.xq, &mut s.k),
             product(&l.v, &s.xq, &mut s.v),
         ];
-        Self::products(&self.team, &prods);
+        Self::products(&self.team, self.active, &prods);
         // RoPE (the tables were filled for `pos` by `step`).
         for h in 0..nh {
             let r = h * hd..(h + 1) * hd;
@@ -550,7 +569,7 @@ impl<'m> DecodeEngine<'m> {
             let scores = SendPtr(s.scores.as_mut_ptr());
             let probs = SendPtr(s.probs.as_mut_ptr());
             let zs = SendPtr(s.zs.as_mut_ptr());
-            let threads = self.team.threads();
+            let threads = self.active;
             let work = |m: usize| {
                 let (attn, scores, probs, zs) = (&attn, &scores, &probs, &zs);
                 for h in llmtune_ops::team::split(nh, threads, m) {
@@ -576,10 +595,14 @@ impl<'m> DecodeEngine<'m> {
                     );
                 }
             };
-            self.team.run(&work);
+            run_on(&self.team, self.active, &work);
         }
         quantize_row_q8(&s.attn, &mut s.attn_q);
-        Self::products(&self.team, &[product(&l.o, &s.attn_q, &mut s.proj)]);
+        Self::products(
+            &self.team,
+            self.active,
+            &[product(&l.o, &s.attn_q, &mut s.proj)],
+        );
         for (x, p) in s.x.iter_mut().zip(&s.proj) {
             *x += p;
         }
@@ -590,10 +613,14 @@ impl<'m> DecodeEngine<'m> {
             product(&l.gate, &s.xq, &mut s.gate),
             product(&l.up, &s.xq, &mut s.up),
         ];
-        Self::products(&self.team, &prods);
+        Self::products(&self.team, self.active, &prods);
         rows::swiglu(&s.gate, &s.up, &mut s.act);
         quantize_row_q8(&s.act, &mut s.act_q);
-        Self::products(&self.team, &[product(&l.down, &s.act_q, &mut s.proj)]);
+        Self::products(
+            &self.team,
+            self.active,
+            &[product(&l.down, &s.act_q, &mut s.proj)],
+        );
         for (x, p) in s.x.iter_mut().zip(&s.proj) {
             *x += p;
         }
@@ -605,7 +632,7 @@ impl<'m> DecodeEngine<'m> {
         match &self.head {
             Head::Quant(q) => {
                 quantize_row_q8(&s.xn, &mut s.xq);
-                Self::products(&self.team, &[product(q, &s.xq, &mut s.logits)]);
+                Self::products(&self.team, self.active, &[product(q, &s.xq, &mut s.logits)]);
             }
             Head::F32 { w, bias } => {
                 let (storage, layout) = w.storage_and_layout();
@@ -619,8 +646,8 @@ impl<'m> DecodeEngine<'m> {
                 let xn = &s.xn;
                 let n = s.logits.len();
                 let out = SendPtr(s.logits.as_mut_ptr());
-                let threads = self.team.threads();
-                self.team.run(&|m| {
+                let threads = self.active;
+                run_on(&self.team, self.active, &|m| {
                     let out = &out;
                     for r in llmtune_ops::team::split(n, threads, m) {
                         let d = dot_f32(&wv[r * hs..(r + 1) * hs], xn);
@@ -631,6 +658,103 @@ impl<'m> DecodeEngine<'m> {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs `f` on the first `active` members of `team` (just the caller when 1).
+fn run_on(team: &Team, active: usize, f: &(dyn Fn(usize) + Sync)) {
+    if active <= 1 {
+        f(0)
+    } else {
+        team.run(f)
+    }
+}
+
+/// Whether the engine may switch between the whole team and the calling thread alone
+/// (`LLMTUNE_DECODE_ADAPT=0`: always the whole team).
+fn adapt_enabled() -> bool {
+    std::env::var("LLMTUNE_DECODE_ADAPT").map_or(true, |v| v != "0")
+}
+
+/// Picks, from measured token times, whether a token runs on the whole team or on the
+/// calling thread alone. On cores shared with other busy processes a worker is often
+/// descheduled in the middle of its share, and the step waits a whole scheduler time slice
+/// for it: the team is then slower than one thread. Every `PERIOD` tokens the mode not in
+/// use is tried for `PROBE` tokens (the first one not counted; the first probe after `FIRST` tokens), and kept when it was faster
+/// than the running average of the mode in use.
+#[derive(Debug)]
+struct Tuner {
+    enabled: bool,
+    /// Mode in use: true = the whole team.
+    team: bool,
+    /// Running average token time of the mode in use (seconds; 0 = none yet).
+    avg: f64,
+    since_probe: u32,
+    /// Tokens left in the current probe (0 = not probing), and the probe's times.
+    probe_left: u32,
+    probe_sum: f64,
+    probe_n: u32,
+}
+
+impl Tuner {
+    const PERIOD: u32 = 32;
+    /// Tokens before the first probe.
+    const FIRST: u32 = 6;
+    const PROBE: u32 = 3;
+
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            team: true,
+            avg: 0.0,
+            since_probe: Self::PERIOD - Self::FIRST,
+            probe_left: 0,
+            probe_sum: 0.0,
+            probe_n: 0,
+        }
+    }
+
+    /// The mode of the next token.
+    fn team_now(&self) -> bool {
+        if self.probe_left > 0 {
+            !self.team
+        } else {
+            self.team
+        }
+    }
+
+    fn record(&mut self, secs: f64) {
+        if !self.enabled {
+            return;
+        }
+        if self.probe_left > 0 {
+            self.probe_left -= 1;
+            // The first probe token pays for the switch (workers waking up).
+            if self.probe_left < Self::PROBE - 1 {
+                self.probe_sum += secs;
+                self.probe_n += 1;
+            }
+            if self.probe_left == 0 {
+                let probe = self.probe_sum / self.probe_n.max(1) as f64;
+                if probe < 0.97 * self.avg {
+                    self.team = !self.team;
+                    self.avg = probe;
+                }
+            }
+            return;
+        }
+        self.avg = if self.avg == 0.0 {
+            secs
+        } else {
+            0.8 * self.avg + 0.2 * secs
+        };
+        self.since_probe += 1;
+        if self.since_probe >= Self::PERIOD {
+            self.since_probe = 0;
+            self.probe_left = Self::PROBE;
+            self.probe_sum = 0.0;
+            self.probe_n = 0;
+        }
     }
 }
 
@@ -685,4 +809,40 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tuner;
+
+    /// Feeds `n` tokens timed by `cost(team)`; returns the share of tokens run on the team.
+    fn feed(t: &mut Tuner, n: usize, cost: impl Fn(bool) -> f64) -> f64 {
+        let mut on_team = 0;
+        for _ in 0..n {
+            let team = t.team_now();
+            on_team += team as usize;
+            t.record(cost(team));
+        }
+        on_team as f64 / n as f64
+    }
+
+    #[test]
+    fn tuner_follows_the_faster_mode() {
+        let mut t = Tuner::new(true);
+        // Quiet machine: the team is faster and stays in use (probes aside).
+        assert!(feed(&mut t, 200, |team| if team { 7e-3 } else { 12e-3 }) > 0.85);
+        assert!(t.team);
+        // Shared cores: the team stalls; the tuner moves to one thread within a period.
+        assert!(feed(&mut t, 200, |team| if team { 25e-3 } else { 14e-3 }) < 0.25);
+        assert!(!t.team);
+        // Quiet again: back to the team.
+        feed(&mut t, 100, |team| if team { 7e-3 } else { 12e-3 });
+        assert!(t.team);
+        // Disabled: always the team.
+        let mut off = Tuner::new(false);
+        assert_eq!(
+            feed(&mut off, 100, |team| if team { 1.0 } else { 0.1 }),
+            1.0
+        );
+    }
 }

@@ -150,6 +150,8 @@ fn engine_logits_match_tensor_path() {
                 .unwrap()
                 .unwrap();
             assert_eq!(e.threads(), threads);
+            // Every token on the whole team (no switching to one thread).
+            e.set_adaptive(false);
             let mut got = Vec::new();
             let mut rels = Vec::new();
             for (p, &t) in tokens.iter().enumerate() {
@@ -187,6 +189,7 @@ fn engine_continues_a_prefilled_cache() {
         m.forward_last(&pre, None, Some(&mut cache)).unwrap();
         for threads in [1, 2] {
             let mut e = DecodeEngine::with_threads(&m, 4, threads).unwrap().unwrap();
+            e.set_adaptive(false);
             e.load_cache(&cache).unwrap();
             assert_eq!(e.len(), 6);
             let mut rels = Vec::new();
