@@ -8,7 +8,7 @@
 //! top-k and top-p, then sampling from the softmax (or argmax when `do_sample` is false).
 
 use candle_core::{DType, Tensor};
-use llmtune_models::{CausalLm, KvCache, ModelError};
+use llmtune_models::{CausalLm, DecodeEngine, KvCache, Llama, ModelError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -232,6 +232,12 @@ pub fn generate_cancellable(
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         return Err(ModelError::Input(format!("prompt {i} is empty")));
     }
+    if let (1, CausalLm::Llama(llama)) = (n, model) {
+        if engine_enabled() && DecodeEngine::supports(llama) {
+            out[0] = generate_on_engine(model, llama, &prompts[0], cfg, &mut on_token, cancel)?;
+            return Ok(out);
+        }
+    }
     let device = model.device().clone();
     let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(n * max_len);
@@ -300,6 +306,76 @@ pub fn generate_cancellable(
             m.push(1);
         }
         input = Tensor::from_vec(next, (active.len(), 1), &device)?;
+    }
+    Ok(out)
+}
+
+/// Whether one-row generation on a quantized Llama model may use the
+/// [`DecodeEngine`] (`LLMTUNE_DECODE_ENGINE=0` turns it off, for comparisons).
+fn engine_enabled() -> bool {
+    std::env::var("LLMTUNE_DECODE_ENGINE").map_or(true, |v| v != "0")
+}
+
+/// [`generate_cancellable`] for one prompt on the batch-1 [`DecodeEngine`]: the prompt is
+/// prefilled on the tensor path (batched products) exactly as the general path does, its
+/// keys and values are copied into the engine, and every later token runs on the engine.
+/// The sampling, stop and cancel logic are the general path's for one row.
+fn generate_on_engine(
+    model: &CausalLm,
+    llama: &Llama,
+    prompt: &[u32],
+    cfg: &GenerationConfig,
+    on_token: &mut impl FnMut(usize, u32),
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Generated, ModelError> {
+    let mut out = Generated {
+        tokens: vec![],
+        finish: FinishReason::Length,
+    };
+    let mut engine = match DecodeEngine::new(llama, prompt.len() + cfg.max_new_tokens)? {
+        Some(e) => e,
+        None => {
+            return Err(ModelError::Model(
+                "the decode engine cannot run this model".into(),
+            ))
+        }
+    };
+    let mut seen = prompt.to_vec();
+    seen.reserve(cfg.max_new_tokens);
+    let mut sampler = Sampler::new(cfg.seed);
+    let mut logits: Vec<f32> = Vec::new();
+    let mut last = 0u32;
+    for step in 0..cfg.max_new_tokens {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            out.finish = FinishReason::Cancelled;
+            break;
+        }
+        if step == 0 {
+            let device = model.device();
+            let t = prompt.len();
+            let input = Tensor::from_vec(prompt.to_vec(), (1, t), device)?;
+            let mask = Tensor::from_vec(vec![1u32; t], (1, t), device)?;
+            let mut cache = model.new_cache();
+            let l = model.forward_last(&input, Some(&mask), Some(&mut cache))?;
+            logits = l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            engine.load_cache(&cache)?;
+        } else {
+            let l = engine.step(last)?;
+            logits.clear();
+            logits.extend_from_slice(l);
+        }
+        if let Some(v) = cfg.vocab_size {
+            logits.truncate(v.max(1));
+        }
+        let tok = sampler.pick(&mut logits, &seen, cfg);
+        on_token(0, tok);
+        out.tokens.push(tok);
+        seen.push(tok);
+        if cfg.stop_ids.contains(&tok) {
+            out.finish = FinishReason::Stop;
+            break;
+        }
+        last = tok;
     }
     Ok(out)
 }

@@ -33,6 +33,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Layer `i`'s keys and values (`None` while empty), or `None` past the last layer.
+    pub fn layer(&self, i: usize) -> Option<(Option<&Tensor>, Option<&Tensor>)> {
+        self.layers.get(i).map(|(k, v)| (k.as_ref(), v.as_ref()))
+    }
+
     pub fn layer_mut(&mut self, i: usize) -> &mut (Option<Tensor>, Option<Tensor>) {
         &mut self.layers[i]
     }

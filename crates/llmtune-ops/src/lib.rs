@@ -39,8 +39,10 @@ mod norm;
 pub mod quant;
 pub mod reference;
 mod rope;
+pub mod rows;
 mod softmax;
 mod swiglu;
+pub mod team;
 mod xent;
 
 pub use bmm::matmul;

@@ -37,7 +37,7 @@ fn rstd<A: Float>(ss: A, d: usize, eps: f64) -> A {
 
 simd_fn! {
     /// One row of the forward.
-    fn fwd_row<T: Elem>(x: &[T], w: &[T], eps: f64, y: &mut [T]) {
+    pub(crate) fn fwd_row<T: Elem>(x: &[T], w: &[T], eps: f64, y: &mut [T]) {
         let s = rstd(sum_sq(x), x.len(), eps);
         for ((o, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
             let xh = T::from_acc(xv.to_acc() * s);

@@ -933,6 +933,82 @@ impl QMatrix {
     }
 }
 
+impl QMatrix {
+    /// Activation blocks per input row (`cols / 32`).
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// Rows `rows` of `y = x W^T` for one input row given already quantized
+    /// (`xq` = [`quantize_row_q8`] of `x`, `cols / 32` blocks), written to `out`
+    /// (`rows.len()` long), on the calling thread. The kernels and the order of the float
+    /// additions are those of [`QMatrix::matmul`], so each output equals the one `matmul`
+    /// gives for the same row wherever `rows.start` is a multiple of [`TILE`] (how callers
+    /// split a product over threads); other starts pair up the rows of the AVX2 kernels
+    /// differently (the integer sums stay exact; only float rounding can differ).
+    pub fn matmul_rows(&self, xq: &[BlockQ8], rows: std::ops::Range<usize>, out: &mut [f32]) {
+        self.matmul_rows_with(qisa(), xq, rows, out)
+    }
+
+    /// [`QMatrix::matmul_rows`] with a given instruction set (one of [`available_isas`]).
+    pub fn matmul_rows_with(
+        &self,
+        isa: QIsa,
+        xq: &[BlockQ8],
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let bpr = self.cols / QK;
+        assert_eq!(
+            xq.len(),
+            bpr,
+            "QMatrix::matmul_rows: input blocks vs {} columns",
+            self.cols
+        );
+        assert!(
+            rows.end <= self.rows,
+            "QMatrix::matmul_rows: rows {rows:?} of {}",
+            self.rows
+        );
+        assert_eq!(out.len(), rows.len(), "QMatrix::matmul_rows: output length");
+        if rows.is_empty() {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (QIsa::Avx512Vnni, Some(tiles)) = (isa, &self.tiles) {
+            let mut o = [0f32; TILE];
+            for t in rows.start / TILE..rows.end.div_ceil(TILE) {
+                // SAFETY: tiles exist only where the CPU has AVX-512-VNNI.
+                unsafe {
+                    match tiles {
+                        Tiles::Q4_1(v) => x86::tile_q4_1(&v[t * bpr..(t + 1) * bpr], xq, &mut o),
+                        Tiles::Q8_0(v) => x86::tile_q8_0(&v[t * bpr..(t + 1) * bpr], xq, &mut o),
+                    }
+                }
+                let (a, b) = ((t * TILE).max(rows.start), ((t + 1) * TILE).min(rows.end));
+                out[a - rows.start..b - rows.start].copy_from_slice(&o[a - t * TILE..b - t * TILE]);
+            }
+            return;
+        }
+        let mut r = rows.start;
+        while r < rows.end {
+            let pair = r + 1 < rows.end;
+            let (r0, r1) = (r * bpr..(r + 1) * bpr, (r + 1) * bpr..(r + 2) * bpr);
+            let v: [f32; 2] = match &self.blocks {
+                Blocks::Q4_1(b) if pair => dot2_q4_1(isa, &b[r0], &b[r1], xq),
+                Blocks::Q8_0(b) if pair => dot2_q8_0(isa, &b[r0], &b[r1], xq),
+                Blocks::Q4_1(b) => [dot_q4_1(isa, &b[r0], xq), 0.0],
+                Blocks::Q8_0(b) => [dot_q8_0(isa, &b[r0], xq), 0.0],
+            };
+            out[r - rows.start] = v[0];
+            if pair {
+                out[r + 1 - rows.start] = v[1];
+            }
+            r += if pair { 2 } else { 1 };
+        }
+    }
+}
+
 /// Calls `work` over disjoint ranges covering `0..n` items, on the worker pool when the
 /// product is large enough (`macs` multiply-adds).
 fn par_items(n: usize, macs: usize, work: impl Fn(std::ops::Range<usize>) + Sync + Send) {

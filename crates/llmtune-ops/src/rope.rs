@@ -46,7 +46,7 @@ impl Geom {
 
 simd_fn! {
     /// Rotates the pairs of one row; `sin` is negated for the backward (`neg`).
-    fn rotate_row<T: Elem>(x: &[T], c: &[T], s: &[T], interleaved: bool, neg: bool, y: &mut [T]) {
+    pub(crate) fn rotate_row<T: Elem>(x: &[T], c: &[T], s: &[T], interleaved: bool, neg: bool, y: &mut [T]) {
         let sign = if neg { -T::Acc::one() } else { T::Acc::one() };
         if interleaved {
             for (((yp, xp), &cv), &sv) in y.chunks_exact_mut(2).zip(x.chunks_exact(2)).zip(c).zip(s) {

@@ -22,7 +22,7 @@ pub(crate) struct SoftmaxOp {
 
 simd_fn! {
     /// One row of the forward; `z` is scratch space of the row's length.
-    fn fwd_row<T: Elem>(x: &[T], mask: Option<&[T]>, scale: T::Acc, z: &mut [T::Acc], y: &mut [T]) {
+    pub(crate) fn fwd_row<T: Elem>(x: &[T], mask: Option<&[T]>, scale: T::Acc, z: &mut [T::Acc], y: &mut [T]) {
         match mask {
             Some(m) => {
                 for ((zv, &xv), &mv) in z.iter_mut().zip(x).zip(m) {

@@ -19,7 +19,7 @@ fn sigmoid<A: Acc>(g: A) -> A {
 }
 
 simd_fn! {
-    fn fwd_row<T: Elem>(g: &[T], u: &[T], y: &mut [T]) {
+    pub(crate) fn fwd_row<T: Elem>(g: &[T], u: &[T], y: &mut [T]) {
         for ((o, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
             let ga = gv.to_acc();
             // silu is rounded to the dtype before the product, as in the reference

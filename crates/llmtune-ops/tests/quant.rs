@@ -249,3 +249,40 @@ fn tiled_layout_matches_scalar() {
         }
     }
 }
+
+#[test]
+fn matmul_rows_equals_matmul_on_every_isa_and_split() {
+    // 80 rows (5 tiles) and 40 rows (not a multiple of 16: never tiled); ranges that start on
+    // a tile boundary give bit-identical outputs, other starts agree to float rounding.
+    for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
+        for n in [80usize, 40] {
+            let k = 128usize;
+            let w = quantized(fmt, n, k, 41 + n as u64);
+            let mut r = Rng(42);
+            let x: Vec<f32> = (0..k).map(|_| r.f32()).collect();
+            let xq = act(&x);
+            assert_eq!(w.blocks_per_row(), xq.len());
+            for &isa in &available_isas() {
+                let mut want = vec![0f32; n];
+                w.matmul_with(isa, &x, &mut want);
+                let mut got = vec![f32::NAN; n];
+                for (a, b) in [(0, 16), (16, 32), (32, n)] {
+                    w.matmul_rows_with(isa, &xq, a..b, &mut got[a..b]);
+                }
+                assert_eq!(got, want, "{fmt:?} {n} {isa:?} aligned");
+                let mut odd = vec![f32::NAN; n];
+                for (a, b) in [(0, 7), (7, 23), (23, n)] {
+                    w.matmul_rows_with(isa, &xq, a..b, &mut odd[a..b]);
+                }
+                for (i, (g, e)) in odd.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                        "{fmt:?} {isa:?} {i}"
+                    );
+                }
+            }
+            let mut empty: [f32; 0] = [];
+            w.matmul_rows(&xq, 3..3, &mut empty);
+        }
+    }
+}
