@@ -69,7 +69,30 @@ fn fix_openblas_core() {
     }
 }
 
+/// glibc's malloc serves blocks above its mmap threshold (128 KiB, raised on the fly up to 32
+/// MiB) with fresh mappings and returns them on free, so every step of a training loop, which
+/// allocates and frees the same MB-sized activations, page-faults them in again (13% of a
+/// LoRA step's CPU samples were in the kernel: faults, zeroing pages, cgroup accounting).
+/// Serve blocks up to 32 MiB from the heap and keep up to 1 GiB of freed memory for reuse;
+/// the peak RSS is unchanged (measured). `MALLOC_*` / `GLIBC_TUNABLES` set by the user win.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() {
+    let user = std::env::vars_os().any(|(k, _)| {
+        let k = k.to_string_lossy();
+        k.starts_with("MALLOC_") || k == "GLIBC_TUNABLES"
+    });
+    if !user {
+        // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tune_malloc();
     #[cfg(all(feature = "openblas", target_arch = "x86_64", unix))]
     fix_openblas_core();
     let argv = match cmd::train::expand_config_file(std::env::args().collect()) {
