@@ -209,6 +209,16 @@ fn resolve_mkl(lib: libloading::Library, path: &std::path::Path) -> Result<Mkl, 
             path.display(),
             max_threads()
         );
+        // One 1x1x1 product now: MKL opens its interface, threading and kernel libraries on the
+        // first call (and ends the process when one is missing), so that happens at start,
+        // with MKL's message naming the file, not in the middle of a run.
+        let (a, b, mut c) = (1f32, 1f32, 0f32);
+        sgemm(
+            ROW_MAJOR, NO_TRANS, NO_TRANS, 1, 1, 1, 1.0, &a, 1, &b, 1, 0.0, &mut c, 1,
+        );
+        if c != 1.0 {
+            return Err(format!("{}: a 1x1 product gave {c}, not 1", path.display()));
+        }
         Ok(Mkl {
             sgemm,
             gemm_bf16,
