@@ -11,6 +11,11 @@ use candle_core::{DType, Device, Tensor};
 use llmtune_models::gguf::{load_gguf, load_gguf_quantized};
 use llmtune_models::Llama;
 
+// The seeded weights and llama.cpp's q/k permutation of the decode-engine tests' writer.
+#[path = "common/tiny_gguf.rs"]
+mod tiny_gguf;
+use tiny_gguf::{permute, Rng};
+
 const VOCAB: usize = 96;
 const HIDDEN: usize = 64;
 const FFN: usize = 128;
@@ -18,43 +23,6 @@ const LAYERS: usize = 2;
 const HEADS: usize = 4;
 const KV: usize = 2;
 const HEAD_DIM: usize = HIDDEN / HEADS;
-
-/// xorshift, so the weights are the same on every run.
-struct Rng(u64);
-impl Rng {
-    fn normalish(&mut self) -> f32 {
-        // Sum of 4 uniforms in [-1, 1): mean 0, variance 4/3.
-        let mut s = 0f32;
-        for _ in 0..4 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            s += (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-        }
-        s * 0.866
-    }
-    fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| self.normalish() * std).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-}
-
-/// llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py).
-fn permute(t: &Tensor, n_head: usize) -> Tensor {
-    let dims = t.dims().to_vec();
-    let hd = dims[0] / n_head;
-    let mut shape = vec![n_head, 2, hd / 2];
-    shape.extend(&dims[1..]);
-    t.reshape(shape)
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape(dims)
-        .unwrap()
-}
 
 fn write_model(path: &Path, dtype: GgmlDType, tied: bool) {
     let mut rng = Rng(0x5eed ^ dtype as u64);

@@ -112,29 +112,15 @@ fn as_rows(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The CPU forward of an input of any rank >= 2 (see [`rows_view`]).
-fn fwd_cpu_nd(
-    x: &CpuStorage,
+/// The forward of an input of any rank >= 2 on any backend (see [`rows_view`]): `fwd` runs on
+/// the `[m, k]` view of `xl`, and its `[m, n]` result takes the shape `[.., n]`.
+fn on_rows<S>(
     xl: &Layout,
-    w: &CpuStorage,
     wl: &Layout,
-    b: Option<&Tensor>,
-) -> Result<(CpuStorage, Shape)> {
+    fwd: impl FnOnce(&Layout) -> Result<(S, Shape)>,
+) -> Result<(S, Shape)> {
     let (x2, shape) = rows_or_err(xl, wl)?;
-    let (y, _) = fwd_cpu(x, &x2, w, wl, b)?;
-    Ok((y, shape))
-}
-
-/// The CUDA forward of an input of any rank >= 2 (see [`rows_view`]).
-fn fwd_cuda_nd(
-    x: &CudaStorage,
-    xl: &Layout,
-    w: &CudaStorage,
-    wl: &Layout,
-    b: Option<&Tensor>,
-) -> Result<(CudaStorage, Shape)> {
-    let (x2, shape) = rows_or_err(xl, wl)?;
-    let (y, _) = fwd_cuda(x, &x2, w, wl, b)?;
+    let (y, _) = fwd(&x2)?;
     Ok((y, shape))
 }
 
@@ -261,12 +247,14 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         crate::cpu::with_cpu(&self.w, "linear", |ws, wl| {
-            fwd_cpu_nd(s, l, ws, wl, self.b.as_ref())
+            on_rows(l, wl, |x2| fwd_cpu(s, x2, ws, wl, self.b.as_ref()))
         })
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        with_cuda(&self.w, |ws, wl| fwd_cuda_nd(s, l, ws, wl, self.b.as_ref()))
+        with_cuda(&self.w, |ws, wl| {
+            on_rows(l, wl, |x2| fwd_cuda(s, x2, ws, wl, self.b.as_ref()))
+        })
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -289,7 +277,7 @@ impl CustomOp2 for TrainLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fwd_cpu_nd(xs, xl, ws, wl, self.b.as_ref())
+        on_rows(xl, wl, |x2| fwd_cpu(xs, x2, ws, wl, self.b.as_ref()))
     }
 
     fn cuda_fwd(
@@ -299,7 +287,7 @@ impl CustomOp2 for TrainLinear {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fwd_cuda_nd(xs, xl, ws, wl, self.b.as_ref())
+        on_rows(xl, wl, |x2| fwd_cuda(xs, x2, ws, wl, self.b.as_ref()))
     }
 
     fn bwd(

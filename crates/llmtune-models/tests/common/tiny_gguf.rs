@@ -26,9 +26,9 @@ pub struct Dims {
 }
 
 /// xorshift, so the weights are the same on every run.
-struct Rng(u64);
+pub struct Rng(pub u64);
 impl Rng {
-    fn normalish(&mut self) -> f32 {
+    pub fn normalish(&mut self) -> f32 {
         let mut s = 0f32;
         for _ in 0..4 {
             self.0 ^= self.0 << 13;
@@ -38,7 +38,7 @@ impl Rng {
         }
         s * 0.866
     }
-    fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor {
+    pub fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| self.normalish() * std).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
@@ -46,7 +46,7 @@ impl Rng {
 }
 
 /// llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py).
-fn permute(t: &Tensor, n_head: usize) -> Tensor {
+pub fn permute(t: &Tensor, n_head: usize) -> Tensor {
     let dims = t.dims().to_vec();
     let hd = dims[0] / n_head;
     let mut shape = vec![n_head, 2, hd / 2];
