@@ -235,22 +235,26 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.n_head, self.n_kv, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, h, d))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (q, k, v) = (
+            self.q_proj.forward(x)?,
+            self.k_proj.forward(x)?,
+            self.v_proj.forward(x)?,
+        );
+        let scale = 1.0 / (d as f64).sqrt();
+        if cache.is_none() {
+            // Training and full-sequence passes: one fused node on the CPU (f32).
+            let heads = llmtune_ops::AttentionHeads {
+                n_head: h,
+                n_kv: kvh,
+                head_dim: d,
+            };
+            if let Some(out) = llmtune_ops::attention(&q, &k, &v, (cos, sin), mask, heads, scale)? {
+                return Ok(self.o_proj.forward(&out)?);
+            }
+        }
+        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, kvh, d))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         // rope reads the transposed views in place and writes contiguous results.
         let q = llmtune_ops::rope(&q, cos, sin)?;
         let mut k = llmtune_ops::rope(&k, cos, sin)?;
@@ -269,7 +273,7 @@ impl Attention {
         let q = q.reshape((b, kvh, rep * t, d))?;
         let scores = llmtune_ops::matmul(&q, &k.t()?)?.reshape((b, h, t, total))?;
         // softmax(scores / sqrt(d) + mask), fused: no gradient is stored for the mask.
-        let probs = llmtune_ops::masked_softmax(&scores, Some(mask), 1.0 / (d as f64).sqrt())?;
+        let probs = llmtune_ops::masked_softmax(&scores, Some(mask), scale)?;
         let probs = probs.reshape((b, kvh, rep * t, total))?;
         let out = llmtune_ops::matmul(&probs, &v)?.reshape((b, h, t, d))?;
         let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;

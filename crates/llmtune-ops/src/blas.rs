@@ -442,6 +442,143 @@ pub(crate) fn sgemm_batched(a: &[f32], al: &Layout, b: &[f32], bl: &Layout) -> O
     }))
 }
 
+/// One operand of [`gemm_f32`]: a row-major matrix stored in `data` from `off` with leading
+/// dimension `ld`, used as it is or transposed (`trans`).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub ld: usize,
+    pub trans: bool,
+}
+
+impl Mat<'_> {
+    /// Whether the `[r, c]` operand (after `trans`) lies inside `data` with a valid `ld`.
+    fn fits(&self, r: usize, c: usize) -> bool {
+        let (sr, sc) = if self.trans { (c, r) } else { (r, c) };
+        sr == 0
+            || sc == 0
+            || (self.ld >= sc && self.off + (sr - 1) * self.ld + sc <= self.data.len())
+    }
+}
+
+/// `c[m, n] = alpha * a[m, k] @ b[k, n] + beta * c` (f32, row-major; `c` starts at `c_off`
+/// with leading dimension `ldc`), through MKL or OpenBLAS when available, else the `gemm`
+/// crate (candle's own CPU product). With `beta = 0`, `c` is written without being read.
+/// Errors (never reads or writes out of bounds) when an operand does not fit its buffer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: &mut [f32],
+    c_off: usize,
+    ldc: usize,
+) -> candle_core::Result<()> {
+    let c_fits = m == 0 || n == 0 || (ldc >= n && c_off + (m - 1) * ldc + n <= c.len());
+    if !a.fits(m, k) || !b.fits(k, n) || !c_fits {
+        candle_core::bail!("gemm: operands do not fit their buffers ({m}x{k} @ {k}x{n})")
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let cp = c[c_off..].as_mut_ptr();
+    let (ap, bp) = (a.data[a.off..].as_ptr(), b.data[b.off..].as_ptr());
+    let fits = |v: usize| c_int::try_from(v).is_ok();
+    if has_sgemm() && [m, n, k, a.ld, b.ld, ldc].into_iter().all(fits) {
+        let t = |tr: bool| if tr { TRANS } else { NO_TRANS };
+        let (mi, ni, ki) = (m as c_int, n as c_int, k as c_int);
+        let (la, lb, lc) = (
+            a.ld.max(1) as c_int,
+            b.ld.max(1) as c_int,
+            ldc.max(1) as c_int,
+        );
+        // SAFETY: the extents were checked above; sizes fit c_int; a BLAS is available.
+        unsafe {
+            if let Some(mkl) = mkl() {
+                (mkl.sgemm)(
+                    ROW_MAJOR,
+                    t(a.trans),
+                    t(b.trans),
+                    mi,
+                    ni,
+                    ki,
+                    alpha,
+                    ap,
+                    la,
+                    bp,
+                    lb,
+                    beta,
+                    cp,
+                    lc,
+                );
+            } else {
+                #[cfg(feature = "openblas")]
+                cblas_sgemm(
+                    ROW_MAJOR,
+                    t(a.trans),
+                    t(b.trans),
+                    mi,
+                    ni,
+                    ki,
+                    alpha,
+                    ap,
+                    la,
+                    bp,
+                    lb,
+                    beta,
+                    cp,
+                    lc,
+                );
+            }
+        }
+        return Ok(());
+    }
+    // (row stride, column stride) of an operand as read.
+    let strides = |x: &Mat| {
+        if x.trans {
+            (1isize, x.ld as isize)
+        } else {
+            (x.ld as isize, 1isize)
+        }
+    };
+    let ((ars, acs), (brs, bcs)) = (strides(&a), strides(&b));
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the extents were checked above. The gemm crate computes
+    // dst = alpha * dst + beta * lhs @ rhs (its alpha/beta are BLAS's beta/alpha).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            cp,
+            1,
+            ldc as isize,
+            beta != 0.0,
+            ap,
+            acs,
+            ars,
+            bp,
+            bcs,
+            brs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
 /// `a [m, k] @ b [k, n]` with bf16 inputs, f32 accumulation and an f32 `[m, n]` result (MKL
 /// only: `None` without it or when the layouts do not fit).
 pub(crate) fn gemm_bf16(a: &[bf16], al: &Layout, b: &[bf16], bl: &Layout) -> Option<Vec<f32>> {

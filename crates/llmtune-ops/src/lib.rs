@@ -30,6 +30,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+mod attention;
 pub mod blas;
 mod bmm;
 mod cpu;
@@ -45,6 +46,7 @@ mod swiglu;
 pub mod team;
 mod xent;
 
+pub use attention::{attention, AttentionHeads};
 pub use bmm::matmul;
 use cpu::last_dim_contiguous;
 

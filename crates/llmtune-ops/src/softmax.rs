@@ -65,7 +65,7 @@ fn fwd<T: Elem>(x: &[T], xr: &Rows, mask: Option<(&[T], &Rows)>, scale: f64) -> 
 
 simd_fn! {
     /// One row of the backward: `dx = scale * y * (dy - sum(dy * y))`.
-    fn bwd_row<T: Elem>(y: &[T], dy: &[T], scale: T::Acc, dx: &mut [T]) {
+    pub(crate) fn bwd_row<T: Elem>(y: &[T], dy: &[T], scale: T::Acc, dx: &mut [T]) {
         let s = dot(y, dy);
         for ((o, &yv), &gv) in dx.iter_mut().zip(y).zip(dy) {
             *o = T::from_acc(scale * yv.to_acc() * (gv.to_acc() - s));
