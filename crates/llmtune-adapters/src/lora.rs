@@ -263,8 +263,7 @@ impl LinearAdapter for LoraLayer {
         let a = as_dtype(&pair.a, x.dtype())?;
         let b = as_dtype(&pair.b, x.dtype())?;
         let h = llmtune_ops::linear(&xin, &a, None)?;
-        let d = llmtune_ops::linear(&h, &b, None)?;
-        base + (d * pair.scaling)?
+        llmtune_ops::lora_add(&base, &h, &b, pair.scaling)
     }
 }
 

@@ -90,7 +90,19 @@ fn tune_malloc() {
     }
 }
 
+/// candle's CPU worker pool (which our kernels share) spins 25,000 times, about a millisecond,
+/// after each parallel op before it parks. The BLAS threads (MKL's OpenMP team) run on the
+/// same cores in between, and a spinning worker takes its time slices: with 2,000 spins the
+/// bf16 bench step went from 3.18-3.42 s to 2.63-2.82 s (4 A/B pairs, docs/results.md). A
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` set by the user wins. Must run before candle's pool starts.
+fn tune_candle_pool() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "2000");
+    }
+}
+
 fn main() -> ExitCode {
+    tune_candle_pool();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tune_malloc();
     #[cfg(all(feature = "openblas", target_arch = "x86_64", unix))]

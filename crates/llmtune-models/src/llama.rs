@@ -290,6 +290,15 @@ pub struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        fn plain(l: &Linear) -> Option<&Tensor> {
+            l.plain_weight().filter(|_| l.quant.is_none())
+        }
+        if let (Some(wg), Some(wu)) = (plain(&self.gate_proj), plain(&self.up_proj)) {
+            // Frozen gate/up on the CPU: one fused node (no gradient buffers for g and u).
+            if let Some(h) = llmtune_ops::swiglu_in(x, wg, wu)? {
+                return self.down_proj.forward(&h);
+            }
+        }
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
         self.down_proj.forward(&llmtune_ops::swiglu(&g, &u)?)

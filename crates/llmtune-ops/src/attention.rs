@@ -85,7 +85,7 @@ struct AttentionOp {
 /// `[b or 1, t, d/2]`,
 /// `mask` additive, `[b or 1, 1, t, t]`. Returns `[b, t, n_head * d]`, or `None` when the
 /// fused path does not apply (not all on the CPU, not f32, a tracked `cos`/`sin`/`mask`, other
-/// shapes, or `LLMTUNE_FUSED_ATTENTION=0`); the caller then composes the same computation
+/// shapes, or `LLMTUNE_FUSED=0`); the caller then composes the same computation
 /// from [`crate::rope`], [`crate::matmul`] and [`crate::masked_softmax`].
 pub fn attention(
     q: &Tensor,
@@ -102,7 +102,7 @@ pub fn attention(
         head_dim: d,
     } = heads;
     let all = [q, k, v, cos, sin, mask];
-    let applies = fused_enabled()
+    let applies = crate::fused_enabled()
         && all.iter().all(|t| t.device().is_cpu())
         && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
         && ![cos, sin, mask].iter().any(|t| t.track_op())
@@ -148,12 +148,6 @@ pub fn attention(
         &v.contiguous()?,
         op,
     )?))
-}
-
-/// `LLMTUNE_FUSED_ATTENTION=0` turns the fused path off (for comparisons).
-fn fused_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LLMTUNE_FUSED_ATTENTION").map_or(true, |v| v != "0"))
 }
 
 /// The f32 slice of a contiguous CPU operand, from its start offset.

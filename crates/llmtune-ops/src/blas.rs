@@ -713,27 +713,72 @@ fn bf16_view(s: &CpuStorage, l: &Layout) -> Option<(Bf16View, Layout)> {
     }
 }
 
-/// `dst[i] = bf16(src[i])` (round to nearest even), split over rayon's pool when large.
-pub(crate) fn to_bf16(src: &[f32], dst: &mut [bf16]) {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    if src.len() <= CHUNK {
+crate::cpu::simd_fn! {
+    /// `dst[i] = bf16(src[i])`, branch-free so that it vectorises: round to nearest even, NaN
+    /// stays a (quiet) NaN; bit for bit what `half::bf16::from_f32` gives.
+    fn to_bf16_run<T: Elem>(src: &[f32], dst: &mut [bf16]) {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d = bf16::from_f32(s);
+            let b = s.to_bits();
+            let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+            let nan = (b & 0x7FFF_FFFF) > 0x7F80_0000;
+            *d = bf16::from_bits(if nan { ((b >> 16) | 0x40) as u16 } else { rounded });
         }
-    } else {
-        dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| {
-                for (d, &s) in d.iter_mut().zip(s) {
-                    *d = bf16::from_f32(s);
-                }
-            });
     }
+}
+
+/// `dst[i] = bf16(src[i])` (round to nearest even), split over the kernels' worker pool
+/// (candle's) when large.
+pub(crate) fn to_bf16(src: &[f32], dst: &mut [bf16]) {
+    const CHUNK: usize = 1 << 14;
+    let n = src.len().min(dst.len());
+    let main = n / CHUNK * CHUNK;
+    crate::cpu::for_each_row(&mut dst[..main], CHUNK, |i, d| {
+        to_bf16_run::<f32>(&src[i * CHUNK..(i + 1) * CHUNK], d)
+    });
+    to_bf16_run::<f32>(&src[main..n], &mut dst[main..n]);
 }
 
 #[cfg(test)]
 mod tests {
+    /// The branch-free conversion equals `half`'s on ties, NaN, infinities, subnormals and
+    /// a sweep of bit patterns, through the chunked (parallel) path and its tail.
+    #[test]
+    fn to_bf16_is_bit_identical_to_half() {
+        let mut src: Vec<f32> = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3F80_8000), // tie, even below: stays
+            f32::from_bits(0x3F81_8000), // tie, odd below: rounds up
+            f32::from_bits(0x3F80_8001),
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7F80_0001), // signalling NaN
+            f32::from_bits(0xFFC1_2345),
+        ]
+        .to_vec();
+        let mut s = 0x1234_5678u32;
+        while src.len() < 3 * (1 << 14) + 123 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            src.push(f32::from_bits(s));
+        }
+        let mut dst = vec![half::bf16::ZERO; src.len()];
+        super::to_bf16(&src, &mut dst);
+        for (i, (&x, &y)) in src.iter().zip(&dst).enumerate() {
+            assert_eq!(
+                y.to_bits(),
+                half::bf16::from_f32(x).to_bits(),
+                "element {i}: {x:e}"
+            );
+        }
+    }
+
     use candle_core::{DType, Device, IndexOp, Tensor};
 
     /// Every layout pairing (row-major, transposed, offset/narrowed rows) against candle's

@@ -36,6 +36,8 @@ mod bmm;
 mod cpu;
 mod head_xent;
 mod linear;
+mod lora;
+mod mlp;
 mod norm;
 pub mod quant;
 pub mod reference;
@@ -49,6 +51,16 @@ mod xent;
 pub use attention::{attention, AttentionHeads};
 pub use bmm::matmul;
 use cpu::last_dim_contiguous;
+
+/// Whether the fused multi-op nodes ([`attention`], [`lora_add`], [`swiglu_in`]) are used;
+/// `LLMTUNE_FUSED=0` composes the same computations from single ops instead (for A/B
+/// measurements and to rule the fusions out when chasing a numerical difference).
+pub(crate) fn fused_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LLMTUNE_FUSED").map_or(true, |v| v != "0"))
+}
+pub use lora::lora_add;
+pub use mlp::swiglu_in;
 
 /// `x @ w^T (+ b)` where `w` is a weight of shape `[out, in]`.
 ///

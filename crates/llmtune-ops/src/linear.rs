@@ -172,7 +172,7 @@ fn fwd_cpu(
 
 /// `x @ w^T` on the CPU: a BLAS for f32 when one is available ([`crate::blas`]), MKL's bf16
 /// product for an f32 input against a bf16 (frozen) weight, else candle's gemm.
-fn fwd_cpu_matmul(
+pub(crate) fn fwd_cpu_matmul(
     x: &CpuStorage,
     xl: &Layout,
     w: &CpuStorage,

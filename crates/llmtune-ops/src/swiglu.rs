@@ -30,7 +30,7 @@ simd_fn! {
 }
 
 simd_fn! {
-    fn bwd_both_row<T: Elem>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+    pub(crate) fn bwd_both_row<T: Elem>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
         let one = T::Acc::one();
         let outs = dg.iter_mut().zip(du.iter_mut());
         for (((o_g, o_u), &gv), (&uv, &yv)) in outs.zip(g).zip(u.iter().zip(dy)) {

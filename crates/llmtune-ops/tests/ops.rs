@@ -703,3 +703,117 @@ fn large_shapes_split_over_threads_match_the_reference() -> Result<()> {
     )?;
     Ok(())
 }
+
+// ---------------------------------------------------------------- lora_add
+
+#[test]
+fn lora_add_matches_the_composite_update() -> Result<()> {
+    // base [2, 3, out], h [2, 3, r], b [out, r]: y = base + s * h @ b^T
+    for (out, r, s) in [(6usize, 2usize, 2.0f64), (33, 8, 0.5), (5, 1, -1.25)] {
+        let inputs = [
+            rand_t(&[2, 3, out], 81, 2.0),
+            rand_t(&[2, 3, r], 82, 1.5),
+            rand_t(&[out, r], 83, 1.0),
+        ];
+        let fast = |t: &[Tensor]| ops::lora_add(&t[0], &t[1], &t[2], s);
+        let refr = |t: &[Tensor]| {
+            &t[0] + (t[1].matmul(&t[2].t()?.unsqueeze(0)?.broadcast_as((2, r, out))?)? * s)?
+        };
+        for tracked in [
+            [true, true, true],
+            [false, true, true],
+            [true, false, true],
+            [true, true, false],
+        ] {
+            compare(
+                &format!("lora_add out {out} r {r} {tracked:?}"),
+                &inputs,
+                &tracked,
+                &fast,
+                &refr,
+                TOL_REF,
+            )?;
+        }
+        // f64 takes the composite path: same values.
+        let y64 = ops::lora_add(&inputs[0], &inputs[1], &inputs[2], s)?;
+        assert!(rel_diff(&y64, &refr(&inputs)?) < 1e-12);
+    }
+    // Mismatched shapes are an error naming the operands.
+    let (base, h, b) = (
+        rand_t(&[3, 4], 1, 1.0),
+        rand_t(&[3, 2], 2, 1.0),
+        rand_t(&[5, 2], 3, 1.0),
+    );
+    let (base, h, b) = (
+        base.to_dtype(DType::F32)?,
+        h.to_dtype(DType::F32)?,
+        b.to_dtype(DType::F32)?,
+    );
+    let err = ops::lora_add(&base, &h, &b, 1.0).unwrap_err().to_string();
+    assert!(err.contains("4") && err.contains("5"), "{err}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- swiglu_in
+
+#[test]
+fn swiglu_in_matches_the_composite_mlp_input() -> Result<()> {
+    if !common::on_cpu() {
+        println!("skipped: the fused MLP input runs on the CPU only");
+        return Ok(());
+    }
+    let f32 = |t: Tensor| t.to_dtype(DType::F32);
+    let wg = f32(rand_t(&[12, 8], 92, 0.5))?;
+    let wu = f32(rand_t(&[12, 8], 93, 0.5))?;
+    let inputs = [rand_t(&[2, 3, 8], 91, 1.5)];
+    let composite = |x: &Tensor, wg: &Tensor, wu: &Tensor| {
+        ops::swiglu(&ops::linear(x, wg, None)?, &ops::linear(x, wu, None)?)
+    };
+    let fast = |t: &[Tensor]| match ops::swiglu_in(&t[0], &wg, &wu)? {
+        Some(y) => Ok(y),
+        None => candle_core::bail!("swiglu_in did not apply"),
+    };
+    let refr = |t: &[Tensor]| {
+        reference::swiglu(
+            &reference::linear(&t[0], &wg, None)?,
+            &reference::linear(&t[0], &wu, None)?,
+        )
+    };
+    for tracked in [[true], [false]] {
+        compare(
+            &format!("swiglu_in {tracked:?}"),
+            &inputs,
+            &tracked,
+            &fast,
+            &refr,
+            TOL_REF,
+        )?;
+    }
+    // bf16 weights (MKL's bf16 product): the same products as the composite bf16 path.
+    if ops::blas::has_bf16_gemm() {
+        let (bg, bu) = (wg.to_dtype(DType::BF16)?, wu.to_dtype(DType::BF16)?);
+        let fast = |t: &[Tensor]| match ops::swiglu_in(&t[0], &bg, &bu)? {
+            Some(y) => Ok(y),
+            None => candle_core::bail!("swiglu_in did not apply to bf16 weights"),
+        };
+        let refr = |t: &[Tensor]| composite(&t[0], &bg, &bu);
+        compare(
+            "swiglu_in bf16 weights",
+            &inputs,
+            &[true],
+            &fast,
+            &refr,
+            TOL_REF,
+        )?;
+    } else {
+        println!("bf16 weights not checked: no MKL (LLMTUNE_MKL)");
+    }
+    // Not covered, so the caller composes: f64 input, a tracked weight, rows that do not
+    // collapse (a transposed view).
+    let x = f32(inputs[0].clone())?;
+    assert!(ops::swiglu_in(&inputs[0], &wg, &wu)?.is_none());
+    let tracked_w = Var::from_tensor(&wg)?;
+    assert!(ops::swiglu_in(&x, tracked_w.as_tensor(), &wu)?.is_none());
+    assert!(ops::swiglu_in(&x.transpose(0, 1)?, &wg, &wu)?.is_none());
+    Ok(())
+}
