@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::blas::{gemm_f32, Mat};
-use crate::cpu::{for_each_row, for_each_row_scratch, with_cpu, Rows};
+use crate::cpu::{for_each_row, for_each_row_scratch, with_cpu, write_only, Rows};
 use crate::rope::rotate_row;
 use crate::softmax;
 
@@ -161,7 +161,8 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 /// Rotates the heads of `x` (`[b, t, heads * d]`) into `[b, heads, t, d]`.
 fn rope_split(x: &[f32], heads: usize, g: &Geom, tabs: &Tables) -> Vec<f32> {
     let (t, d) = (g.t, g.d);
-    let mut y = vec![0f32; g.b * heads * t * d];
+    // SAFETY: for_each_row hands every row to rotate_row, which writes all of it.
+    let mut y = unsafe { write_only::<f32>(g.b * heads * t * d) };
     for_each_row(&mut y, d, |r, yr| {
         let (i, hi, bi) = (r % t, (r / t) % heads, r / (t * heads));
         let src = ((bi * t + i) * heads + hi) * d;
@@ -181,7 +182,8 @@ fn rope_split(x: &[f32], heads: usize, g: &Geom, tabs: &Tables) -> Vec<f32> {
 /// The backward of [`rope_split`]: `dy` `[b, heads, t, d]` rotated back into `[b, t, heads * d]`.
 fn rope_merge_back(dy: &[f32], heads: usize, g: &Geom, tabs: &Tables) -> Vec<f32> {
     let (t, d) = (g.t, g.d);
-    let mut dx = vec![0f32; g.b * t * heads * d];
+    // SAFETY: as in rope_split.
+    let mut dx = unsafe { write_only::<f32>(g.b * t * heads * d) };
     for_each_row(&mut dx, d, |r, out| {
         let (hi, pos) = (r % heads, r / heads);
         let (bi, i) = (pos / t, pos % t);
@@ -249,7 +251,8 @@ impl AttentionOp {
             let qr = rope_split(q, h, &g, tabs);
             let kr = rope_split(k, kvh, &g, tabs);
             // Scores of the `rep` query heads of each KV head at once: [rep * t, t].
-            let mut p = vec![0f32; b * h * t * t];
+            // SAFETY: the products below (beta = 0) write every [rep * t, t] block.
+            let mut p = unsafe { write_only::<f32>(b * h * t * t) };
             for bi in 0..b {
                 for gi in 0..kvh {
                     let (qo, ko) = ((bi * h + gi * rep) * t * d, (bi * kvh + gi) * t * d);
@@ -274,7 +277,8 @@ impl AttentionOp {
                 softmax::fwd_row(&*x, Some(tabs.mask(pos)), g.scale, z, row);
             });
             // out[b, i, head] = P_head @ V_group, V read in place from [b, t, kvh * d].
-            let mut out = vec![0f32; b * t * hd];
+            // SAFETY: the products (beta = 0) write every head's [t, d] block.
+            let mut out = unsafe { write_only::<f32>(b * t * hd) };
             for bi in 0..b {
                 for hi in 0..h {
                     gemm_f32(
@@ -310,7 +314,9 @@ impl AttentionOp {
         };
         // dV[group] = sum over its query heads of P_head^T @ dOut_head.
         let dv = if need[2] {
-            let mut dv = vec![0f32; b * t * kd];
+            // SAFETY: the first query head of each group writes its block (beta = 0) before
+            // the others accumulate into it.
+            let mut dv = unsafe { write_only::<f32>(b * t * kd) };
             for bi in 0..b {
                 for hi in 0..h {
                     gemm_f32(
@@ -333,7 +339,8 @@ impl AttentionOp {
             return Ok([None, None, dv]);
         }
         // dP = dOut @ V^T, then the softmax backward in place: dS = scale * P * (dP - <dP, P>).
-        let mut ds = vec![0f32; b * h * t * t];
+        // SAFETY: the products (beta = 0) write every head's [t, t] block.
+        let mut ds = unsafe { write_only::<f32>(b * h * t * t) };
         for bi in 0..b {
             for hi in 0..h {
                 gemm_f32(
@@ -356,7 +363,8 @@ impl AttentionOp {
         let (dq, dk) = self.with_tables(|tabs| {
             // dQr = dS @ Kr, per KV head for its `rep` query heads at once.
             let dq = if need[0] {
-                let mut dqr = vec![0f32; b * h * t * d];
+                // SAFETY: the products (beta = 0) write every group's block.
+                let mut dqr = unsafe { write_only::<f32>(b * h * t * d) };
                 for bi in 0..b {
                     for gi in 0..kvh {
                         let so = (bi * h + gi * rep) * t * t;
@@ -378,7 +386,8 @@ impl AttentionOp {
             };
             // dKr = dS^T @ Qr (summing over the group's query heads).
             let dk = if need[1] {
-                let mut dkr = vec![0f32; b * kvh * t * d];
+                // SAFETY: the products (beta = 0) write every group's block.
+                let mut dkr = unsafe { write_only::<f32>(b * kvh * t * d) };
                 for bi in 0..b {
                     for gi in 0..kvh {
                         let so = (bi * h + gi * rep) * t * t;

@@ -694,10 +694,15 @@ fn bf16_view(s: &CpuStorage, l: &Layout) -> Option<(Bf16View, Layout)> {
         CpuStorage::BF16(_) => Some((Bf16View::Same, l.clone())),
         CpuStorage::F32(v) => {
             let (r, c) = l.shape().dims2().ok()?;
-            let mut out = vec![bf16::ZERO; r * c];
-            match l.contiguous_offsets() {
-                Some((s0, s1)) => to_bf16(&v[s0..s1], &mut out),
+            let out = match l.contiguous_offsets() {
+                Some((s0, s1)) => {
+                    // SAFETY: to_bf16 writes every element (s1 - s0 == r * c).
+                    let mut out = unsafe { crate::cpu::write_only::<bf16>(r * c) };
+                    to_bf16(&v[s0..s1], &mut out);
+                    out
+                }
                 None => {
+                    let mut out = vec![bf16::ZERO; r * c];
                     let (st0, st1) = (l.stride()[0], l.stride()[1]);
                     let off = l.start_offset();
                     for i in 0..r {
@@ -705,8 +710,9 @@ fn bf16_view(s: &CpuStorage, l: &Layout) -> Option<(Bf16View, Layout)> {
                             out[i * c + j] = bf16::from_f32(v[off + i * st0 + j * st1]);
                         }
                     }
+                    out
                 }
-            }
+            };
             Some((Bf16View::Owned(out), Layout::contiguous((r, c))))
         }
         _ => None,

@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::blas::{gemm_f32, Mat};
-use crate::cpu::with_cpu;
+use crate::cpu::{with_cpu, write_only};
 
 struct LoraAdd {
     scaling: f32,
@@ -98,7 +98,8 @@ impl CustomOp3 for LoraAdd {
                     let g = f32_slice(gs, gl, "grad")?;
                     let (hv, wv) = (f32_slice(hs, hl, "h")?, f32_slice(ws, wl, "b")?);
                     let dh = if need_h {
-                        let mut dh = vec![0f32; m * r];
+                        // SAFETY: the product (beta = 0) writes all of it.
+                        let mut dh = unsafe { write_only::<f32>(m * r) };
                         let (a, b) = (mat(g, out, false), mat(wv, r, false));
                         gemm_f32((m, r, out), self.scaling, a, b, 0.0, &mut dh, 0, r)?;
                         Some(dh)
@@ -106,7 +107,8 @@ impl CustomOp3 for LoraAdd {
                         None
                     };
                     let dw = if need_w {
-                        let mut dw = vec![0f32; out * r];
+                        // SAFETY: the product (beta = 0) writes all of it.
+                        let mut dw = unsafe { write_only::<f32>(out * r) };
                         let (a, b) = (mat(g, out, true), mat(hv, r, false));
                         gemm_f32((out, r, m), self.scaling, a, b, 0.0, &mut dw, 0, r)?;
                         Some(dw)

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{for_each_row, for_each_row2, with_cpu, Rows};
+use crate::cpu::{for_each_row, for_each_row2, with_cpu, write_only, Rows};
 use crate::linear::{fwd_cpu_matmul, matmul_2d, rows_view};
 use crate::swiglu::{bwd_both_row, fwd_row};
 
@@ -50,7 +50,8 @@ impl CustomOp1 for SwigluIn {
             )
         };
         let (g, u) = self.project(xs, &x2)?;
-        let mut y = vec![0f32; g.len()];
+        // SAFETY: fwd_row writes every element of every row.
+        let mut y = unsafe { write_only::<f32>(g.len()) };
         for_each_row(&mut y, inter, |r, yr| {
             fwd_row(
                 &g[r * inter..(r + 1) * inter],
@@ -78,7 +79,8 @@ impl CustomOp1 for SwigluIn {
             })?,
         };
         let grad = crate::last_dim_contiguous(grad)?;
-        let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        // SAFETY: bwd_both_row writes every element of every row of both.
+        let (mut dg, mut du) = unsafe { (write_only::<f32>(g.len()), write_only::<f32>(g.len())) };
         with_cpu(&grad, "swiglu_in", |gs, gl| {
             let dy = match gs {
                 CpuStorage::F32(v) => v.as_slice(),
