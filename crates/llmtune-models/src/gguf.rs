@@ -171,19 +171,29 @@ impl Meta<'_> {
 
 /// Reads only the metadata of a GGUF file: the architecture name and the tokenizer vocabulary.
 pub fn read_gguf_vocab(path: &Path) -> Result<(String, GgufVocab)> {
+    let (_, content) = open_gguf(path)?;
+    let m = Meta {
+        md: &content.metadata,
+        path,
+    };
+    let arch = architecture(&m)?;
+    Ok((arch, vocab_of(&m)?))
+}
+
+/// Opens a GGUF file and reads its header (metadata and tensor index).
+fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
         msg: format!("not a valid GGUF file (truncated or corrupt?): {e}"),
     })?;
-    let m = Meta {
-        md: &content.metadata,
-        path,
-    };
-    let arch = m
-        .string("general.architecture")
-        .ok_or_else(|| m.err("general.architecture", "missing"))?;
-    Ok((arch, vocab_of(&m)?))
+    Ok((file, content))
+}
+
+/// `general.architecture`, which every GGUF file must name.
+fn architecture(m: &Meta<'_>) -> Result<String> {
+    m.string("general.architecture")
+        .ok_or_else(|| m.err("general.architecture", "missing"))
 }
 
 fn vocab_of(m: &Meta<'_>) -> Result<GgufVocab> {
@@ -222,18 +232,12 @@ pub fn load_gguf_quantized(path: &Path) -> Result<GgufModel> {
 }
 
 fn load(path: &Path, device: &Device, quantized: bool) -> Result<GgufModel> {
-    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::Weights {
-        path: path.to_path_buf(),
-        msg: format!("not a valid GGUF file (truncated or corrupt?): {e}"),
-    })?;
+    let (mut file, content) = open_gguf(path)?;
     let m = Meta {
         md: &content.metadata,
         path,
     };
-    let arch = m
-        .string("general.architecture")
-        .ok_or_else(|| m.err("general.architecture", "missing"))?;
+    let arch = architecture(&m)?;
     if arch != "llama" && arch != "qwen2" {
         return Err(m.err(
             "general.architecture",

@@ -15,6 +15,11 @@
 //! * The other ops have CPU kernels (f32, f64, bf16, f16; f32 accumulation, f64 for f64)
 //!   that read strided inputs in place (any layout whose last dim is contiguous) and
 //!   parallelise over rows. On other devices they take the [`reference`](mod@reference) path.
+//! * Fused multi-op nodes for the CPU training step (f32 activations): [`attention`] (rope,
+//!   grouped-head scores, masked softmax, values, head merge), [`lora_add`] (the LoRA update
+//!   of a linear output) and [`swiglu_in`] (frozen gate/up projections and SwiGLU). Each
+//!   replaces several candle nodes whose backward would zero-fill and add a gradient buffer
+//!   per node; `LLMTUNE_FUSED=0` composes them from the single ops.
 //!
 //! "Tracked" means [`Tensor::track_op`]: a variable, or a tensor computed from one. A backward
 //! never produces a gradient for an untracked input (candle's composite ops do: e.g. the
