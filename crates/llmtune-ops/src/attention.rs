@@ -259,8 +259,8 @@ impl AttentionOp {
                     gemm_f32(
                         (rep * t, t, d),
                         1.0,
-                        mat(&qr, qo, d, false),
-                        mat(&kr, ko, d, true),
+                        Mat::new(&qr, qo, d, false),
+                        Mat::new(&kr, ko, d, true),
                         0.0,
                         &mut p,
                         (bi * h + gi * rep) * t * t,
@@ -284,8 +284,8 @@ impl AttentionOp {
                     gemm_f32(
                         (t, d, t),
                         1.0,
-                        mat(&p, (bi * h + hi) * t * t, t, false),
-                        mat(v, bi * t * kd + (hi / rep) * d, kd, false),
+                        Mat::new(&p, (bi * h + hi) * t * t, t, false),
+                        Mat::new(v, bi * t * kd + (hi / rep) * d, kd, false),
                         0.0,
                         &mut out,
                         bi * t * hd + hi * d,
@@ -322,8 +322,8 @@ impl AttentionOp {
                     gemm_f32(
                         (t, d, t),
                         1.0,
-                        mat(&p, (bi * h + hi) * t * t, t, true),
-                        mat(grad, bi * t * hd + hi * d, hd, false),
+                        Mat::new(&p, (bi * h + hi) * t * t, t, true),
+                        Mat::new(grad, bi * t * hd + hi * d, hd, false),
                         if hi % rep == 0 { 0.0 } else { 1.0 },
                         &mut dv,
                         bi * t * kd + (hi / rep) * d,
@@ -346,8 +346,8 @@ impl AttentionOp {
                 gemm_f32(
                     (t, t, d),
                     1.0,
-                    mat(grad, bi * t * hd + hi * d, hd, false),
-                    mat(v, bi * t * kd + (hi / rep) * d, kd, true),
+                    Mat::new(grad, bi * t * hd + hi * d, hd, false),
+                    Mat::new(v, bi * t * kd + (hi / rep) * d, kd, true),
                     0.0,
                     &mut ds,
                     (bi * h + hi) * t * t,
@@ -371,8 +371,8 @@ impl AttentionOp {
                         gemm_f32(
                             (rep * t, d, t),
                             1.0,
-                            mat(&ds, so, t, false),
-                            mat(&kr, (bi * kvh + gi) * t * d, d, false),
+                            Mat::new(&ds, so, t, false),
+                            Mat::new(&kr, (bi * kvh + gi) * t * d, d, false),
                             0.0,
                             &mut dqr,
                             (bi * h + gi * rep) * t * d,
@@ -394,8 +394,8 @@ impl AttentionOp {
                         gemm_f32(
                             (t, d, rep * t),
                             1.0,
-                            mat(&ds, so, t, true),
-                            mat(&qr, (bi * h + gi * rep) * t * d, d, false),
+                            Mat::new(&ds, so, t, true),
+                            Mat::new(&qr, (bi * h + gi * rep) * t * d, d, false),
                             0.0,
                             &mut dkr,
                             (bi * kvh + gi) * t * d,
@@ -410,15 +410,6 @@ impl AttentionOp {
             Ok((dq, dk))
         })?;
         Ok([dq, dk, dv])
-    }
-}
-
-fn mat(data: &[f32], off: usize, ld: usize, trans: bool) -> Mat<'_> {
-    Mat {
-        data,
-        off,
-        ld,
-        trans,
     }
 }
 

@@ -358,16 +358,22 @@ unsafe fn sgemm_raw(
     let (ap, bp) = (a.as_ptr().add(ao), b.as_ptr().add(bo));
     let (mi, ni, ki) = (m as c_int, n as c_int, k as c_int);
     let (la, lb) = (lda as c_int, ldb as c_int);
-    if let Some(mkl) = mkl() {
-        (mkl.sgemm)(
-            ROW_MAJOR, at, bt, mi, ni, ki, 1.0, ap, la, bp, lb, 0.0, c, ni,
-        );
-    } else {
-        #[cfg(feature = "openblas")]
-        cblas_sgemm(
+    if let Some(f) = sgemm_fn() {
+        f(
             ROW_MAJOR, at, bt, mi, ni, ki, 1.0, ap, la, bp, lb, 0.0, c, ni,
         );
     }
+}
+
+/// The f32 product of the loaded MKL, else of the linked OpenBLAS; `None` without either.
+fn sgemm_fn() -> Option<SgemmFn> {
+    if let Some(m) = mkl() {
+        return Some(m.sgemm);
+    }
+    #[cfg(feature = "openblas")]
+    return Some(cblas_sgemm as SgemmFn);
+    #[allow(unreachable_code)]
+    None
 }
 
 /// `a [m, k] @ b [k, n]` (f32) into a new row-major `[m, n]` buffer, or `None` when no BLAS is
@@ -452,7 +458,16 @@ pub(crate) struct Mat<'a> {
     pub trans: bool,
 }
 
-impl Mat<'_> {
+impl<'a> Mat<'a> {
+    pub(crate) fn new(data: &'a [f32], off: usize, ld: usize, trans: bool) -> Self {
+        Self {
+            data,
+            off,
+            ld,
+            trans,
+        }
+    }
+
     /// Whether the `[r, c]` operand (after `trans`) lies inside `data` with a valid `ld`.
     fn fits(&self, r: usize, c: usize) -> bool {
         let (sr, sc) = if self.trans { (c, r) } else { (r, c) };
@@ -487,7 +502,8 @@ pub(crate) fn gemm_f32(
     let cp = c[c_off..].as_mut_ptr();
     let (ap, bp) = (a.data[a.off..].as_ptr(), b.data[b.off..].as_ptr());
     let fits = |v: usize| c_int::try_from(v).is_ok();
-    if has_sgemm() && [m, n, k, a.ld, b.ld, ldc].into_iter().all(fits) {
+    let blas = sgemm_fn().filter(|_| [m, n, k, a.ld, b.ld, ldc].into_iter().all(fits));
+    if let Some(f) = blas {
         let t = |tr: bool| if tr { TRANS } else { NO_TRANS };
         let (mi, ni, ki) = (m as c_int, n as c_int, k as c_int);
         let (la, lb, lc) = (
@@ -495,45 +511,25 @@ pub(crate) fn gemm_f32(
             b.ld.max(1) as c_int,
             ldc.max(1) as c_int,
         );
-        // SAFETY: the extents were checked above; sizes fit c_int; a BLAS is available.
+        // SAFETY: the extents were checked above; sizes fit c_int.
         unsafe {
-            if let Some(mkl) = mkl() {
-                (mkl.sgemm)(
-                    ROW_MAJOR,
-                    t(a.trans),
-                    t(b.trans),
-                    mi,
-                    ni,
-                    ki,
-                    alpha,
-                    ap,
-                    la,
-                    bp,
-                    lb,
-                    beta,
-                    cp,
-                    lc,
-                );
-            } else {
-                #[cfg(feature = "openblas")]
-                cblas_sgemm(
-                    ROW_MAJOR,
-                    t(a.trans),
-                    t(b.trans),
-                    mi,
-                    ni,
-                    ki,
-                    alpha,
-                    ap,
-                    la,
-                    bp,
-                    lb,
-                    beta,
-                    cp,
-                    lc,
-                );
-            }
-        }
+            f(
+                ROW_MAJOR,
+                t(a.trans),
+                t(b.trans),
+                mi,
+                ni,
+                ki,
+                alpha,
+                ap,
+                la,
+                bp,
+                lb,
+                beta,
+                cp,
+                lc,
+            )
+        };
         return Ok(());
     }
     // (row stride, column stride) of an operand as read.

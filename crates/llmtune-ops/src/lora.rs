@@ -37,15 +37,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
-fn mat(data: &[f32], ld: usize, trans: bool) -> Mat<'_> {
-    Mat {
-        data,
-        off: 0,
-        ld,
-        trans,
-    }
-}
-
 impl CustomOp3 for LoraAdd {
     fn name(&self) -> &'static str {
         "lora-add"
@@ -67,8 +58,8 @@ impl CustomOp3 for LoraAdd {
         gemm_f32(
             (m, out, r),
             self.scaling,
-            mat(h, r, false),
-            mat(w, r, true),
+            Mat::new(h, 0, r, false),
+            Mat::new(w, 0, r, true),
             1.0,
             &mut y,
             0,
@@ -100,7 +91,7 @@ impl CustomOp3 for LoraAdd {
                     let dh = if need_h {
                         // SAFETY: the product (beta = 0) writes all of it.
                         let mut dh = unsafe { write_only::<f32>(m * r) };
-                        let (a, b) = (mat(g, out, false), mat(wv, r, false));
+                        let (a, b) = (Mat::new(g, 0, out, false), Mat::new(wv, 0, r, false));
                         gemm_f32((m, r, out), self.scaling, a, b, 0.0, &mut dh, 0, r)?;
                         Some(dh)
                     } else {
@@ -109,7 +100,7 @@ impl CustomOp3 for LoraAdd {
                     let dw = if need_w {
                         // SAFETY: the product (beta = 0) writes all of it.
                         let mut dw = unsafe { write_only::<f32>(out * r) };
-                        let (a, b) = (mat(g, out, true), mat(hv, r, false));
+                        let (a, b) = (Mat::new(g, 0, out, true), Mat::new(hv, 0, r, false));
                         gemm_f32((out, r, m), self.scaling, a, b, 0.0, &mut dw, 0, r)?;
                         Some(dw)
                     } else {
