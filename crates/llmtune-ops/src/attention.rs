@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::blas::{gemm_f32, Mat};
-use crate::cpu::{for_each_row, for_each_row_scratch, with_cpu, write_only, Rows};
+use crate::cpu::{contiguous_f32, for_each_row, for_each_row_scratch, with_cpu, write_only, Rows};
 use crate::rope::rotate_row;
 use crate::softmax;
 
@@ -152,10 +152,7 @@ pub fn attention(
 
 /// The f32 slice of a contiguous CPU operand, from its start offset.
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..]),
-        _ => candle_core::bail!("attention: {what} must be a contiguous f32 CPU tensor"),
-    }
+    contiguous_f32(s, l, "attention", what)
 }
 
 /// Rotates the heads of `x` (`[b, t, heads * d]`) into `[b, heads, t, d]`.

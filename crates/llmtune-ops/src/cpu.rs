@@ -571,6 +571,20 @@ pub(crate) fn with_cpu<R>(
     }
 }
 
+/// The f32 values of a contiguous CPU operand from its start offset, or an error naming the op
+/// and the operand (the fused ops read their operands as plain slices).
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..]),
+        _ => bail!("{op}: {what} must be a contiguous f32 CPU tensor"),
+    }
+}
+
 /// Returns `t` itself when its last dim is contiguous (what [`Rows`] needs), else a
 /// contiguous copy.
 pub(crate) fn last_dim_contiguous(t: &Tensor) -> Result<Tensor> {

@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::blas::{gemm_f32, Mat};
-use crate::cpu::{with_cpu, write_only};
+use crate::cpu::{contiguous_f32, with_cpu, write_only};
 
 struct LoraAdd {
     scaling: f32,
@@ -31,10 +31,7 @@ fn dims(bl: &Layout, hl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> 
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) if l.is_contiguous() => Ok(&v[l.start_offset()..]),
-        _ => candle_core::bail!("lora: {what} must be a contiguous f32 CPU tensor"),
-    }
+    contiguous_f32(s, l, "lora", what)
 }
 
 impl CustomOp3 for LoraAdd {
