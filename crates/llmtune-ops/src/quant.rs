@@ -359,7 +359,8 @@ mod x86 {
                 hsum(acc) + summs
             }
 
-            /// Two rows against the same activations: one conversion of the four f16
+            /// Two rows against the same activations (adjacent rows: the prefetch runs
+            /// ahead of the second): one conversion of the four f16
             /// scales, one activation load, two independent accumulators.
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn $q41x2(
@@ -371,6 +372,7 @@ mod x86 {
                 let mut acc1 = _mm256_setzero_ps();
                 let mut summs = _mm_setzero_ps();
                 for ((a, b), x) in w0.iter().zip(w1).zip(x) {
+                    prefetch_ahead(b);
                     let y = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
                     // [d0, m0, d1, m1] * [dx, sx, dx, sx]
                     let dm = _mm_insert_epi32::<1>(
@@ -403,6 +405,7 @@ mod x86 {
                 let mut acc0 = _mm256_setzero_ps();
                 let mut acc1 = _mm256_setzero_ps();
                 for ((a, b), x) in w0.iter().zip(w1).zip(x) {
+                    prefetch_ahead(b);
                     let y = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
                     let d = _mm_insert_epi16::<1>(
                         _mm_cvtsi32_si128(a.d.to_bits() as i32),
@@ -462,15 +465,16 @@ mod x86 {
         dot_u8i8_avx512vnni
     );
 
-    /// How far ahead of the tile in use the tile kernels prefetch: a member streams its
-    /// chunk's tiles in address order, and one core's hardware prefetchers alone leave the
-    /// step waiting on memory (the weights of a 135M model do not stay in cache between
-    /// tokens). Interleaved A/B on the SmolLM2 Q4_1 decode, 2 threads: 103-113 tokens/s
-    /// without, 125-149 at 4 KiB (2, 8 and 16 KiB were no better); see docs/results.md.
+    /// How far ahead of the block in use the tile and two-row kernels prefetch: a member
+    /// streams its chunk's weights in address order, and one core's hardware prefetchers
+    /// alone leave the step waiting on memory (the weights of a 135M model do not stay in
+    /// cache between tokens). Interleaved A/B on the SmolLM2 Q4_1 decode, 2 threads: 103-113
+    /// tokens/s without, 125-149 at 4 KiB (2, 8 and 16 KiB were no better); without the
+    /// tiles (the two-row kernels, as AVX2 CPUs run them) 62-74 -> 78-93. See docs/results.md.
     const PREFETCH_BYTES: usize = 4096;
 
-    /// Prefetches every cache line of the tile `PREFETCH_BYTES` past `t` (a hint: an address
-    /// past the matrix is never read).
+    /// Prefetches every cache line of the block `PREFETCH_BYTES` past `t` (a hint: an
+    /// address past the matrix is never read).
     #[inline(always)]
     unsafe fn prefetch_ahead<T>(t: &T) {
         let p = (t as *const T as *const i8).wrapping_add(PREFETCH_BYTES);
