@@ -470,17 +470,19 @@ mod x86 {
     /// alone leave the step waiting on memory (the weights of a 135M model do not stay in
     /// cache between tokens). Interleaved A/B on the SmolLM2 Q4_1 decode, 2 threads: 103-113
     /// tokens/s without, 125-149 at 4 KiB (2, 8 and 16 KiB were no better); without the
-    /// tiles (the two-row kernels, as AVX2 CPUs run them) 62-74 -> 78-93. See docs/results.md.
+    /// tiles (the two-row kernels, as AVX2 CPUs run them) 62-74 -> 78-93. Into L2 (`T1`):
+    /// on a slow spell 130-188 tokens/s against 111-167 into L1 (`T0`), even when the
+    /// machine is quiet; `NTA` lost a third. See docs/results.md.
     const PREFETCH_BYTES: usize = 4096;
 
-    /// Prefetches every cache line of the block `PREFETCH_BYTES` past `t` (a hint: an
-    /// address past the matrix is never read).
+    /// Prefetches into L2 every cache line of the block `PREFETCH_BYTES` past `t` (a hint:
+    /// an address past the matrix is never read).
     #[inline(always)]
     unsafe fn prefetch_ahead<T>(t: &T) {
         let p = (t as *const T as *const i8).wrapping_add(PREFETCH_BYTES);
         let mut off = 0;
         while off < std::mem::size_of::<T>() {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off));
             off += 64;
         }
     }
