@@ -186,9 +186,23 @@ fn pack_tiles(blocks: &Blocks, rows: usize, cols: usize) -> Option<Tiles> {
 }
 
 /// Quantizes `x` (a multiple of 32 long) to 8-bit blocks as GGML's `quantize_row_q8_1`:
-/// `d = max|x| / 127`, `q = round(x / d)` (half to even), `s = d * sum(q)`.
+/// `d = max|x| / 127`, `q = round(x / d)` (half to even), `s = d * sum(q)`. With AVX-512 (the
+/// CPUs with the tiled kernels) 16 lanes at a time, bit-identical to
+/// [`quantize_row_q8_scalar`] for finite inputs.
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
-    debug_assert_eq!(x.len(), out.len() * QK);
+    assert_eq!(x.len(), out.len() * QK, "quantize_row_q8: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if qisa() == QIsa::Avx512Vnni {
+        // SAFETY: `Avx512Vnni` is detected with AVX-512F/VL/VNNI.
+        unsafe { x86::quantize_row_q8(x, out) };
+        return;
+    }
+    quantize_row_q8_scalar(x, out)
+}
+
+/// [`quantize_row_q8`] in plain Rust (the reference of the SIMD version).
+pub fn quantize_row_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
+    assert_eq!(x.len(), out.len() * QK, "quantize_row_q8: lengths");
     for (chunk, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -552,6 +566,126 @@ mod x86 {
         _mm512_storeu_ps(out.as_mut_ptr(), res);
     }
 
+    /// [`super::quantize_row_q8_scalar`], 16 lanes at a time: the same float operations on
+    /// each element (`|x|` maximum, `x * id`, the round-half-even constant added then taken
+    /// off), so the same bits for finite inputs.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    pub(super) unsafe fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
+        const MAGIC: f32 = 12_582_912.0;
+        for (chunk, b) in x.chunks_exact(super::QK).zip(out.iter_mut()) {
+            let v0 = _mm512_loadu_ps(chunk.as_ptr());
+            let v1 = _mm512_loadu_ps(chunk.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (vid, magic) = (_mm512_set1_ps(id), _mm512_set1_ps(MAGIC));
+            let round = |v: __m512| {
+                _mm512_cvtps_epi32(_mm512_sub_ps(
+                    _mm512_add_ps(_mm512_mul_ps(v, vid), magic),
+                    magic,
+                ))
+            };
+            let (q0, q1) = (round(v0), round(v1));
+            _mm_storeu_si128(b.qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128(
+                b.qs.as_mut_ptr().add(16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(q1),
+            );
+            b.d = d;
+            b.s = d * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) as f32;
+        }
+    }
+
+    /// [`tile_q4_1`] for `R` input rows at once: each weight tile is loaded and unpacked once
+    /// for all of them. Every row's float additions run in the order of `tile_q4_1`, so
+    /// `out[r]` is bit-identical to `tile_q4_1(tiles, xs[r])`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn tile_q4_1_rows<const R: usize>(
+        tiles: &[super::TileQ4_1],
+        xs: [&[BlockQ8]; R],
+        out: &mut [[f32; 16]; R],
+    ) {
+        let mut res = [_mm512_setzero_ps(); R];
+        let low = _mm512_set1_epi8(0x0f);
+        for (b, t) in tiles.iter().enumerate() {
+            prefetch_ahead(t);
+            let mut lo = [_mm512_setzero_si512(); 4];
+            let mut hi = [_mm512_setzero_si512(); 4];
+            for g in 0..4 {
+                let p = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g) as *const _);
+                lo[g] = _mm512_and_si512(p, low);
+                hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(p), low);
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(t.m.as_ptr() as *const __m256i));
+            for r in 0..R {
+                let xb = xs[r].get_unchecked(b);
+                let xq = xb.qs.as_ptr() as *const i32;
+                let mut a0 = _mm512_setzero_si512();
+                let mut a1 = _mm512_setzero_si512();
+                for g in 0..4 {
+                    a0 = _mm512_dpbusd_epi32(
+                        a0,
+                        lo[g],
+                        _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g))),
+                    );
+                    a1 = _mm512_dpbusd_epi32(
+                        a1,
+                        hi[g],
+                        _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g + 4))),
+                    );
+                }
+                let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                res[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xb.d)), acc, res[r]);
+                res[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb.s), res[r]);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), res[r]);
+        }
+    }
+
+    /// [`tile_q8_0`] for `R` input rows at once (bit-identical per row, as
+    /// [`tile_q4_1_rows`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    pub(super) unsafe fn tile_q8_0_rows<const R: usize>(
+        tiles: &[super::TileQ8_0],
+        xs: [&[BlockQ8]; R],
+        out: &mut [[f32; 16]; R],
+    ) {
+        let mut res = [_mm512_setzero_ps(); R];
+        for (b, t) in tiles.iter().enumerate() {
+            prefetch_ahead(t);
+            let mut w = [_mm512_setzero_si512(); 8];
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g) as *const _);
+            }
+            let ws = _mm512_slli_epi32::<7>(_mm512_loadu_si512(t.wsum.as_ptr() as *const _));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+            for r in 0..R {
+                let xb = xs[r].get_unchecked(b);
+                let xq = xb.qs.as_ptr() as *const i32;
+                let mut a0 = _mm512_setzero_si512();
+                let mut a1 = _mm512_setzero_si512();
+                for g in (0..8).step_by(2) {
+                    let x0 = std::ptr::read_unaligned(xq.add(g)) ^ 0x8080_8080u32 as i32;
+                    let x1 = std::ptr::read_unaligned(xq.add(g + 1)) ^ 0x8080_8080u32 as i32;
+                    a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x0), w[g]);
+                    a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x1), w[g + 1]);
+                }
+                let acc = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), ws);
+                res[r] = _mm512_fmadd_ps(
+                    _mm512_mul_ps(d, _mm512_set1_ps(xb.d)),
+                    _mm512_cvtepi32_ps(acc),
+                    res[r],
+                );
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), res[r]);
+        }
+    }
+
     /// `u8 x i8` dot products of 32 bytes into 8 i32 lanes, through each ISA's instruction
     /// (for the tests: every ISA must give the same integers).
     pub(super) fn lanes(isa: super::QIsa, u: &[u8; 32], s: &[i8; 32]) -> [i32; 8] {
@@ -897,29 +1031,25 @@ impl QMatrix {
         let xq = &xq;
         #[cfg(target_arch = "x86_64")]
         if let (QIsa::Avx512Vnni, Some(tiles)) = (isa, &self.tiles) {
-            // Repacked layout: work items are tiles of 16 rows.
+            // Repacked layout: work items are tiles of 16 rows; each tile is read once per 4
+            // input rows.
             let work = |range: std::ops::Range<usize>| {
                 let out_ptr = &out_ptr;
-                let mut o = [0f32; TILE];
                 for t in range {
-                    for (i, xr) in xq.chunks_exact(bpr).enumerate() {
-                        // SAFETY: tiles exist only where the CPU has AVX-512-VNNI.
+                    let mut i = 0;
+                    while i < m {
+                        let n = (m - i).min(4);
+                        // SAFETY: tiles exist only where the CPU has AVX-512-VNNI; each
+                        // (input row, tile) is written by exactly one work item.
                         unsafe {
-                            match tiles {
-                                Tiles::Q4_1(v) => {
-                                    x86::tile_q4_1(&v[t * bpr..(t + 1) * bpr], xr, &mut o)
-                                }
-                                Tiles::Q8_0(v) => {
-                                    x86::tile_q8_0(&v[t * bpr..(t + 1) * bpr], xr, &mut o)
-                                }
+                            match n {
+                                4 => tile_rows::<4>(tiles, t, bpr, xq, i, out_ptr.0, rows),
+                                3 => tile_rows::<3>(tiles, t, bpr, xq, i, out_ptr.0, rows),
+                                2 => tile_rows::<2>(tiles, t, bpr, xq, i, out_ptr.0, rows),
+                                _ => tile_rows::<1>(tiles, t, bpr, xq, i, out_ptr.0, rows),
                             }
-                            // Each (i, tile) is written by exactly one work item.
-                            std::ptr::copy_nonoverlapping(
-                                o.as_ptr(),
-                                out_ptr.0.add(i * rows + t * TILE),
-                                TILE,
-                            );
                         }
+                        i += n;
                     }
                 }
             };
@@ -1033,6 +1163,34 @@ impl QMatrix {
             }
             r += if pair { 2 } else { 1 };
         }
+    }
+}
+
+/// Tile `t` of `tiles` against input rows `i0..i0 + R` of `xq` (`bpr` blocks each), written
+/// to `out[(i0 + r) * rows + 16 t ..][..16]`.
+///
+/// # Safety
+/// The CPU has AVX-512-VNNI; `out` holds `(i0 + R) * rows` floats and no other thread
+/// writes these.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows<const R: usize>(
+    tiles: &Tiles,
+    t: usize,
+    bpr: usize,
+    xq: &[BlockQ8],
+    i0: usize,
+    out: *mut f32,
+    rows: usize,
+) {
+    let xs: [&[BlockQ8]; R] = std::array::from_fn(|r| &xq[(i0 + r) * bpr..(i0 + r + 1) * bpr]);
+    let mut o = [[0f32; TILE]; R];
+    match tiles {
+        Tiles::Q4_1(v) => x86::tile_q4_1_rows::<R>(&v[t * bpr..(t + 1) * bpr], xs, &mut o),
+        Tiles::Q8_0(v) => x86::tile_q8_0_rows::<R>(&v[t * bpr..(t + 1) * bpr], xs, &mut o),
+    }
+    for (r, o) in o.iter().enumerate() {
+        std::ptr::copy_nonoverlapping(o.as_ptr(), out.add((i0 + r) * rows + t * TILE), TILE);
     }
 }
 

@@ -6,7 +6,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llmtune_ops::quant::{
     available_isas, block_dot_q4_1, block_dot_q8_0, dot_q4_1, dot_q4_1_scalar, dot_q8_0,
-    dot_q8_0_scalar, lane_dots, quantize_row_q8, BlockQ8, QFormat, QIsa, QMatrix, QK,
+    dot_q8_0_scalar, lane_dots, quantize_row_q8, quantize_row_q8_scalar, BlockQ8, QFormat, QIsa,
+    QMatrix, QK,
 };
 
 /// A small deterministic generator (xorshift), so the tests need no extra crates.
@@ -157,10 +158,45 @@ fn block_level_entry_points_agree() {
 }
 
 #[test]
+fn quantize_row_q8_simd_equals_scalar() {
+    // Random rows at several scales, an all-zero block, and a block whose scale is 1 so that
+    // halves fall exactly between two integers (round half to even: 2.5 -> 2, -3.5 -> -4).
+    let mut r = Rng(99);
+    let mut rows: Vec<Vec<f32>> = [1e-6f32, 0.01, 1.0, 300.0]
+        .iter()
+        .map(|&sc| (0..4 * QK).map(|_| r.f32() * sc).collect())
+        .collect();
+    let mut ties = vec![0f32; QK];
+    ties[0] = 127.0;
+    for (j, t) in ties.iter_mut().enumerate().skip(1) {
+        *t = (j as f32 - 16.0) + 0.5;
+    }
+    rows.push([vec![0f32; QK], ties].concat());
+    for (i, x) in rows.iter().enumerate() {
+        let got = act(x);
+        let mut want = got.clone();
+        quantize_row_q8_scalar(x, &mut want);
+        for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.qs, w.qs, "row {i} block {b}");
+            assert_eq!(g.d.to_bits(), w.d.to_bits(), "row {i} block {b} d");
+            assert_eq!(g.s.to_bits(), w.s.to_bits(), "row {i} block {b} s");
+        }
+    }
+    let ties = &act(&rows[4])[1];
+    assert_eq!((ties.qs[0], ties.qs[3], ties.qs[18]), (127, -12, 2));
+}
+
+#[test]
 fn matmul_batches_and_threads_match_per_row_products() {
-    // Large enough to go through the worker pool; m = 5 rows of input.
-    for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
-        let (n, k, m) = (200usize, 576usize, 5usize);
+    // Large enough to go through the worker pool; 5, 6 and 7 rows of input (the tiled
+    // kernels take rows 4 at a time, then 1, 2 or 3); 208 rows are tiled where the CPU
+    // has AVX-512-VNNI, 200 never.
+    for (fmt, n, m) in [QFormat::Q4_1, QFormat::Q8_0]
+        .into_iter()
+        .flat_map(|f| [200usize, 208].map(|n| (f, n)))
+        .flat_map(|(f, n)| [5usize, 6, 7].map(|m| (f, n, m)))
+    {
+        let k = 576usize;
         let w = quantized(fmt, n, k, 11);
         let mut r = Rng(12);
         let x: Vec<f32> = (0..m * k).map(|_| r.f32()).collect();
@@ -169,7 +205,11 @@ fn matmul_batches_and_threads_match_per_row_products() {
         for i in 0..m {
             let mut one = vec![0f32; n];
             w.matmul(&x[i * k..(i + 1) * k], &mut one);
-            assert_eq!(&out[i * n..(i + 1) * n], &one[..], "{fmt:?} row {i}");
+            assert_eq!(
+                &out[i * n..(i + 1) * n],
+                &one[..],
+                "{fmt:?} {n}x{k} m={m} row {i}"
+            );
         }
         // Against candle's dequantized f32 product: only activation quantization differs
         // (|x| <= 1, 8-bit blocks: relative error about 1/254 per element, random signs).
