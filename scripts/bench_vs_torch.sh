@@ -39,8 +39,9 @@
 #
 # Threads: torch gets --threads, llama-bench -t, llmtune RAYON_NUM_THREADS. Decode runs on CPU
 # (llama.cpp is built CPU-only); llama-bench's tg test decodes --new_tokens tokens from an empty
-# context, ours after a 16-token prompt with prefill excluded. On a shared machine, look at the
-# load average printed before each run.
+# context, ours after a 16-token prompt with prefill excluded; each side reports the mean
+# tokens/s of 3 timed generations (llama-bench -r 3, ours --repetitions 3). On a shared
+# machine, look at the load average printed before each run.
 set -euo pipefail
 
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -196,8 +197,9 @@ if [[ $DO_DECODE == 1 ]]; then
     LLAMA_JSON="$("$LLAMA_BENCH" "${LB_ARGS[@]}" --repack 0 2>/dev/null)"
   fi
   LLAMA_TPS="$(python3 -c 'import json,sys; r=json.load(sys.stdin); print(r[0]["avg_ts"])' <<<"$LLAMA_JSON")"
-  log "llmtune: bench decode --model_name_or_path $MODEL --batch 1 --new_tokens $NEW_TOKENS (load $(load))"
-  run_ours OURS_DEC_LINE "$LLMTUNE_BIN" bench decode --model_name_or_path "$MODEL" --batch 1 --new_tokens "$NEW_TOKENS"
+  # Both sides: 3 timed generations, the mean of their tokens/s (llama-bench's avg_ts).
+  log "llmtune: bench decode --model_name_or_path $MODEL --batch 1 --new_tokens $NEW_TOKENS --repetitions 3 (load $(load))"
+  run_ours OURS_DEC_LINE "$LLMTUNE_BIN" bench decode --model_name_or_path "$MODEL" --batch 1 --new_tokens "$NEW_TOKENS" --repetitions 3
   OURS_DEC="$(field tokens_per_s "$OURS_DEC_LINE")"
   echo "llama.cpp decode tokens_per_s: $LLAMA_TPS"
   echo "llmtune decode tokens_per_s: ${OURS_DEC:-n/a}"

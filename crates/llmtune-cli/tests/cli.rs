@@ -49,6 +49,50 @@ fn generate_greedy_equals_the_reference_generation() {
 }
 
 #[test]
+fn bench_decode_reports_each_repetition_and_their_mean() {
+    let Some(fx) = fixtures() else { return };
+    let model = fx.join("llama");
+    let args = |reps: &str| {
+        vec![
+            "bench".to_string(),
+            "decode".into(),
+            "--model_name_or_path".into(),
+            model.to_str().unwrap().into(),
+            "--new_tokens".into(),
+            "4".into(),
+            "--prompt_tokens".into(),
+            "3".into(),
+            "--batch".into(),
+            "2".into(),
+            "--repetitions".into(),
+            reps.into(),
+        ]
+    };
+    let (code, out, err) = run(bin().args(args("2")));
+    assert_eq!(code, 0, "{err}");
+    let field = |name: &str| -> Vec<f64> {
+        let line = out.lines().find(|l| l.starts_with("model: ")).unwrap();
+        let v = line.split(&format!(" {name}: ")).nth(1).unwrap();
+        let v = v.split(' ').next().unwrap();
+        v.split(',').map(|x| x.parse().unwrap()).collect()
+    };
+    let (each, secs) = (field("tokens_per_s_each"), field("decode_s"));
+    assert_eq!((each.len(), secs.len()), (2, 2), "{out}");
+    assert!(each.iter().all(|r| r.is_finite() && *r > 0.0), "{out}");
+    assert!(secs.iter().all(|s| *s >= 0.0), "{out}");
+    let last = out.lines().last().unwrap();
+    let mean: f64 = last
+        .strip_prefix("tokens_per_s: ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((mean - (each[0] + each[1]) / 2.0).abs() < 0.01, "{out}");
+    let (code, _, err) = run(bin().args(args("0")));
+    assert_eq!(code, 1);
+    assert!(err.contains("--repetitions must be at least 1"), "{err}");
+}
+
+#[test]
 fn unknown_model_is_a_clear_error() {
     let (code, _, err) = run(bin().args([
         "generate",

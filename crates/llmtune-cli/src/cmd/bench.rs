@@ -66,6 +66,10 @@ pub struct DecodeArgs {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 16)]
     pub prompt_tokens: usize,
+    /// Timed generations; `tokens_per_s` is the mean of their tokens/s (llama-bench's `-r`
+    /// and `avg_ts`).
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -337,6 +341,7 @@ fn gemm_peak(dtype: DType, mixed: bool, dev: &Device) -> anyhow::Result<f64> {
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(a.repetitions >= 1, "--repetitions must be at least 1");
     let name = model_or_default(&a.model_name_or_path);
     let dev = device()?;
     let t0 = Instant::now();
@@ -371,16 +376,30 @@ fn decode(a: DecodeArgs) -> anyhow::Result<ExitCode> {
         max_new_tokens: a.new_tokens,
         ..one
     };
-    let t = Instant::now();
-    let out = generate(&p.model, &prompts, pad, &cfg, |_, _| {})?;
-    let total = t.elapsed().as_secs_f64();
-    let n: usize = out.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
-    let decode_s = (total - prefill).max(1e-9);
+    // Each repetition: the whole generation, less the prefill measured above.
+    let mut rates = Vec::with_capacity(a.repetitions);
+    let mut decode_s = Vec::with_capacity(a.repetitions);
+    for _ in 0..a.repetitions {
+        let t = Instant::now();
+        let out = generate(&p.model, &prompts, pad, &cfg, |_, _| {})?;
+        let total = t.elapsed().as_secs_f64();
+        let n: usize = out.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
+        let s = (total - prefill).max(1e-9);
+        decode_s.push(format!("{s:.3}"));
+        rates.push(n as f64 / s);
+    }
     println!(
-        "model: {name} batch: {} prompt_tokens: {} new_tokens: {} quantized: {quantized} prefill_s: {prefill:.3} decode_s: {decode_s:.3}",
-        a.batch, a.prompt_tokens, a.new_tokens
+        "model: {name} batch: {} prompt_tokens: {} new_tokens: {} quantized: {quantized} prefill_s: {prefill:.3} decode_s: {} tokens_per_s_each: {}",
+        a.batch,
+        a.prompt_tokens,
+        a.new_tokens,
+        decode_s.join(","),
+        rates.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(","),
     );
-    println!("tokens_per_s: {:.2}", n as f64 / decode_s);
+    println!(
+        "tokens_per_s: {:.2}",
+        rates.iter().sum::<f64>() / rates.len() as f64
+    );
     Ok(ExitCode::SUCCESS)
 }
 
