@@ -6,8 +6,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llmtune_ops::quant::{
     available_isas, block_dot_q4_1, block_dot_q8_0, dot_q4_1, dot_q4_1_scalar, dot_q8_0,
-    dot_q8_0_scalar, lane_dots, quantize_row_q8, quantize_row_q8_scalar, BlockQ8, QFormat, QIsa,
-    QMatrix, QK,
+    dot_q8_0_scalar, lane_dots, quantize_row_q8, quantize_row_q8_scalar, quantize_row_q8_with,
+    BlockQ8, QFormat, QIsa, QMatrix, QK,
 };
 
 /// A small deterministic generator (xorshift), so the tests need no extra crates.
@@ -158,7 +158,7 @@ fn block_level_entry_points_agree() {
 }
 
 #[test]
-fn quantize_row_q8_simd_equals_scalar() {
+fn quantize_row_q8_equals_scalar_on_every_isa() {
     // Random rows at several scales, an all-zero block, and a block whose scale is 1 so that
     // halves fall exactly between two integers (round half to even: 2.5 -> 2, -3.5 -> -4).
     let mut r = Rng(99);
@@ -173,13 +173,23 @@ fn quantize_row_q8_simd_equals_scalar() {
     }
     rows.push([vec![0f32; QK], ties].concat());
     for (i, x) in rows.iter().enumerate() {
-        let got = act(x);
-        let mut want = got.clone();
+        let mut want = act(x);
         quantize_row_q8_scalar(x, &mut want);
-        for (b, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.qs, w.qs, "row {i} block {b}");
-            assert_eq!(g.d.to_bits(), w.d.to_bits(), "row {i} block {b} d");
-            assert_eq!(g.s.to_bits(), w.s.to_bits(), "row {i} block {b} s");
+        for isa in available_isas() {
+            let mut got = want.clone();
+            got.iter_mut().for_each(|b| {
+                *b = BlockQ8 {
+                    d: -1.0,
+                    s: -1.0,
+                    qs: [9; QK],
+                }
+            });
+            quantize_row_q8_with(isa, x, &mut got);
+            for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.qs, w.qs, "{isa:?} row {i} block {b}");
+                assert_eq!(g.d.to_bits(), w.d.to_bits(), "{isa:?} row {i} block {b} d");
+                assert_eq!(g.s.to_bits(), w.s.to_bits(), "{isa:?} row {i} block {b} s");
+            }
         }
     }
     let ties = &act(&rows[4])[1];
