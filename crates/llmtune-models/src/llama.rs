@@ -649,7 +649,56 @@ impl Llama {
         Ok(n)
     }
 
-    /// Whether any layer runs on quantized weights (an inference-only model).
+    /// A quantized base for LoRA (`--quantization_bit 4|8`, QLoRA's memory saving): every
+    /// decoder layer's linear weight (q/k/v/o, gate/up/down) becomes a GGML `Q4_1` (4) or
+    /// `Q8_0` (8) matrix and its f32 tensor is freed; embeddings, norms and the LM head stay
+    /// as they are. Quantized layers run forward on the quantized kernels and pass gradients
+    /// to their inputs (`llmtune_ops::quant::quant_linear`), so adapters on top of them and
+    /// anything before them train; the quantized weights themselves cannot (no freeze/full
+    /// tuning, no merging into them). A layer whose input size is not a multiple of 32 (the
+    /// block size) stays f32. CPU only. Returns (quantized, left f32).
+    pub fn quantize_linear_weights(&mut self, bits: u32) -> Result<(usize, usize)> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use llmtune_ops::quant::{QFormat, QK};
+        let (format, gd) = match bits {
+            4 => (QFormat::Q4_1, GgmlDType::Q4_1),
+            8 => (QFormat::Q8_0, GgmlDType::Q8_0),
+            b => {
+                return Err(ModelError::Input(format!(
+                    "quantization_bit must be 4 or 8, got {b}"
+                )))
+            }
+        };
+        if !self.device().is_cpu() {
+            return Err(ModelError::Input(
+                "--quantization_bit runs on the CPU only for now (the quantized kernels are CPU                  kernels)"
+                    .into(),
+            ));
+        }
+        let (mut done, mut kept) = (0, 0);
+        for (name, lin) in self.linears_mut() {
+            if name == "lm_head" || lin.quant.is_some() {
+                continue;
+            }
+            let (rows, cols) = (lin.out_features(), lin.in_features());
+            if cols % QK != 0 {
+                kept += 1;
+                continue;
+            }
+            let w = lin.weight.to_dtype(DType::F32)?;
+            let qt = QTensor::quantize(&w, gd)?;
+            let q = QMatrix::from_ggml_bytes(format, rows, cols, &qt.data()?)
+                .map_err(|e| ModelError::Model(format!("{name}: {e}")))?;
+            lin.quant = Some(Arc::new(q));
+            // A placeholder of the right shape that holds no memory (as a GGUF load's).
+            lin.weight =
+                Tensor::zeros((1, 1), DType::F32, w.device())?.broadcast_as((rows, cols))?;
+            done += 1;
+        }
+        Ok((done, kept))
+    }
+
+    /// Whether any layer runs on quantized weights (a GGUF's, or `quantize_linear_weights`).
     pub fn is_quantized(&self) -> bool {
         self.tied_head_quant.is_some()
             || self.layers.iter().any(|l| {

@@ -1298,9 +1298,9 @@ impl std::fmt::Debug for QMatrix {
 }
 
 /// The candle op behind [`quant_linear`] (forward only).
-struct QLinearOp<'a>(&'a QMatrix);
+struct QLinearOp(std::sync::Arc<QMatrix>);
 
-impl candle_core::CustomOp1 for QLinearOp<'_> {
+impl candle_core::CustomOp1 for QLinearOp {
     fn name(&self) -> &'static str {
         "quant-linear"
     }
@@ -1326,13 +1326,46 @@ impl candle_core::CustomOp1 for QLinearOp<'_> {
         }
         Ok((candle_core::CpuStorage::F32(out), dims.into()))
     }
+
+    /// `dx = dy W` on the dequantized weights (`W` is frozen: no gradient of its own),
+    /// dequantized for this product only.
+    fn bwd(
+        &self,
+        _x: &candle_core::Tensor,
+        _y: &candle_core::Tensor,
+        dy: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        let (rows, cols) = (self.0.rows, self.0.cols);
+        let dy = dy.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let m = dy.elem_count() / rows;
+        let w = self.0.dequantize();
+        let dyv: Vec<f32> = dy.flatten_all()?.to_vec1()?;
+        let mut dx = vec![0f32; m * cols];
+        crate::blas::gemm_f32(
+            (m, cols, rows),
+            1.0,
+            crate::blas::Mat::new(&dyv, 0, rows, false),
+            crate::blas::Mat::new(&w, 0, cols, false),
+            0.0,
+            &mut dx,
+            0,
+            cols,
+        )?;
+        let mut dims = dy.dims().to_vec();
+        if let Some(d) = dims.last_mut() {
+            *d = cols;
+        }
+        Ok(Some(candle_core::Tensor::from_vec(dx, dims, dy.device())?))
+    }
 }
 
 /// `x @ W^T` for an f32 CPU tensor `x` `[.., cols]` and a quantized `W` `[rows, cols]`:
-/// `[.., rows]`. Inference only (the result carries no gradient).
+/// `[.., rows]`. The forward runs the quantized kernels (activations rounded to 8-bit
+/// blocks, as in inference); the backward gives `x` its gradient `dy W` on the dequantized
+/// weights (LoRA on a quantized base, `--quantization_bit`). `W` itself is frozen.
 pub fn quant_linear(
     x: &candle_core::Tensor,
-    w: &QMatrix,
+    w: &std::sync::Arc<QMatrix>,
 ) -> candle_core::Result<candle_core::Tensor> {
     let dims = x.dims();
     if dims.last() != Some(&w.cols) {
@@ -1346,7 +1379,7 @@ pub fn quant_linear(
         candle_core::bail!("quant_linear: quantized weights run on the CPU only")
     }
     let x = x.to_dtype(candle_core::DType::F32)?.contiguous()?;
-    x.apply_op1_no_bwd(&QLinearOp(w))
+    x.apply_op1(QLinearOp(w.clone()))
 }
 
 /// Whether the products run on candle's spinning worker pool (`LLMTUNE_QUANT_POOL=candle`)

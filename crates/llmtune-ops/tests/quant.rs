@@ -336,3 +336,46 @@ fn matmul_rows_equals_matmul_on_every_isa_and_split() {
         }
     }
 }
+
+#[test]
+fn quant_linear_backward_is_dy_times_the_dequantized_weight() {
+    // LoRA on a quantized base: the input gradient of a frozen quantized layer.
+    for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
+        let (n, k) = (48usize, 64usize);
+        let w = std::sync::Arc::new(quantized(fmt, n, k, 5));
+        let mut r = Rng(6);
+        let dev = Device::Cpu;
+        let xs: Vec<f32> = (0..2 * 3 * k).map(|_| r.f32()).collect();
+        let x =
+            candle_core::Var::from_tensor(&Tensor::from_vec(xs, (2, 3, k), &dev).unwrap()).unwrap();
+        let dys: Vec<f32> = (0..2 * 3 * n).map(|_| r.f32()).collect();
+        let dy = Tensor::from_vec(dys, (2, 3, n), &dev).unwrap();
+        let y = llmtune_ops::quant::quant_linear(x.as_tensor(), &w).unwrap();
+        assert_eq!(y.dims(), &[2, 3, n]);
+        let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let got: Vec<f32> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let deq = Tensor::from_vec(w.dequantize(), (n, k), &dev).unwrap();
+        let want: Vec<f32> = dy
+            .reshape((6, n))
+            .unwrap()
+            .matmul(&deq)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                "{fmt:?} {i}: {g} vs {e}"
+            );
+        }
+    }
+}

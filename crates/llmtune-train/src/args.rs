@@ -90,7 +90,10 @@ pub struct TrainArgs {
     /// Continue training the last checkpoint_dir adapter (true) or merge all and add a new one.
     #[arg(long, default_value = "true", num_args = 0..=1, default_missing_value = flag!(), value_parser = parse_bool)]
     pub resume_lora_training: bool,
-    /// Quantize the frozen base to 4 or 8 bits (QLoRA).
+    /// Quantize the frozen base to 4 or 8 bits for LoRA (QLoRA's memory saving): the decoder
+    /// layers' linear weights become GGML Q4_1 (4) or Q8_0 (8) blocks after any
+    /// --checkpoint_dir is merged; embeddings, norms and the LM head stay as loaded. CPU,
+    /// Llama-family models, --stage sft and rm (training and prediction).
     #[arg(long)]
     pub quantization_bit: Option<u32>,
     /// Save loss (and reward) plots.
@@ -327,6 +330,13 @@ impl TrainArgs {
         if let Some(b) = self.quantization_bit {
             if b != 4 && b != 8 {
                 return Err(format!("--quantization_bit must be 4 or 8, got {b}"));
+            }
+            if self.stage == StageArg::Ppo {
+                return Err(
+                    "--quantization_bit is not supported with --stage ppo yet (its rollouts \
+                     fold the policy adapter into the base weights)"
+                        .into(),
+                );
             }
         }
         if self.checkpoint_dirs().len() > 1 && self.finetuning_type != FinetuningType::Lora {

@@ -115,6 +115,34 @@ pub fn load_model(args: &TrainArgs, device: &Device) -> Result<(Pretrained, Stri
     Ok((p, name))
 }
 
+/// `--quantization_bit 4|8`: quantizes the base's decoder linear weights (`Q4_1` / `Q8_0`,
+/// see `Llama::quantize_linear_weights`) once any `--checkpoint_dir` has been merged into
+/// them; LoRA adapters train on top. No-op without the flag.
+pub fn quantize_base(args: &TrainArgs, model: &mut CausalLm) -> Result<()> {
+    let Some(bits) = args.quantization_bit else {
+        return Ok(());
+    };
+    let CausalLm::Llama(m) = model else {
+        return Err(Error::InvalidArgument(
+            "--quantization_bit supports Llama-family models (llama, qwen2, mistral, smollm2)              only for now, not ChatGLM"
+                .into(),
+        ));
+    };
+    let (n, kept) = m
+        .quantize_linear_weights(bits)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    eprintln!(
+        "--quantization_bit {bits}: {n} linear layers of the base quantized to {}{}",
+        if bits == 4 { "Q4_1" } else { "Q8_0" },
+        if kept > 0 {
+            format!(" ({kept} left f32: input size not a multiple of 32)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
 /// The template name: `--template`, else the model's own.
 pub fn template_name(args: &TrainArgs, p: &Pretrained) -> String {
     match &args.template {

@@ -25,6 +25,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let mut ck = super::apply_checkpoint_dirs(args, &mut p.model, false)?;
     // Inference: fold every adapter into the base weights (no per-token adapter cost).
     ck.lora.merge_all(&mut p.model).map_err(other)?;
+    super::quantize_base(args, &mut p.model)?;
     let prepared = super::prepare(args, &p.tokenizer, template.clone(), Stage::Sft, true)?;
     let rt = prepared.template.resolve(&p.tokenizer).map_err(other)?;
     let prompts: Vec<(Vec<u32>, Vec<u32>)> = prepared

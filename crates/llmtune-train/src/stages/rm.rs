@@ -297,6 +297,7 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> 
     let dirs = args.checkpoint_dirs();
     let mut ck =
         apply_checkpoints(&mut p.model, &dirs, args.resume_lora_training, true).map_err(other)?;
+    super::quantize_base(args, &mut p.model)?;
     let adapter = super::trainable_lora(args, &mut p.model, &mut ck)?;
     // The value head: the last checkpoint_dir's when it has one (the reference loads it too),
     // else a fresh one.
@@ -500,6 +501,7 @@ pub fn predict(args: &TrainArgs, device: &Device) -> Result<()> {
     let (mut p, _) = super::load_model(args, device)?;
     let template = super::template_name(args, &p);
     let (head, _lora) = load_reward_model(&mut p, &args.checkpoint_dirs())?;
+    super::quantize_base(args, &mut p.model)?;
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Rm, false)?;
     report_identical(&prepared.examples);
     let rm = RewardModel {

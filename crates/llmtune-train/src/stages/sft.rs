@@ -205,6 +205,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let (mut p, base_name) = super::load_model(args, device)?;
     let template = super::template_name(args, &p);
     let mut ck = super::apply_checkpoint_dirs(args, &mut p.model, true)?;
+    super::quantize_base(args, &mut p.model)?;
     let (trained, vars) = match args.finetuning_type {
         FinetuningType::Freeze | FinetuningType::Full => {
             let vars = if args.finetuning_type == FinetuningType::Full {
