@@ -128,9 +128,16 @@ pub fn quantize_base(args: &TrainArgs, model: &mut CausalLm) -> Result<()> {
                 .into(),
         ));
     };
-    let (n, kept) = m
-        .quantize_linear_weights(bits)
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let r = m.quantize_linear_weights(bits);
+    // The f32 weights just freed are small heap blocks that glibc keeps (the CLI raises its
+    // trim threshold for the training loop) and that the activations can only partly reuse:
+    // hand their pages back (627 -> 262 MB resident for SmolLM2-135M at 4 bits).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let (n, kept) = r.map_err(|e| Error::InvalidArgument(e.to_string()))?;
     eprintln!(
         "--quantization_bit {bits}: {n} linear layers of the base quantized to {}{}",
         if bits == 4 { "Q4_1" } else { "Q8_0" },
