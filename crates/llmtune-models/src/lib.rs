@@ -137,7 +137,21 @@ pub fn load_tokenizer(name_or_path: &str) -> Result<(Tokenizer, String)> {
 
 /// Loads a model from a HF folder, a `.gguf` file, or a built-in alias.
 pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
-    load_with(name_or_path, dtype, device, false)
+    load_with(name_or_path, dtype, device, false, None)
+}
+
+/// As [`load_pretrained`], with the decoder layers' linear weights quantized to `bits` (4:
+/// `Q4_1`, 8: `Q8_0`) for LoRA on a quantized base (`--quantization_bit`): from a HF folder
+/// each matrix is quantized as it is read, so the float base is never held whole; a `.gguf`
+/// is read whole in f32 first (its loader dequantizes eagerly), then quantized. CPU,
+/// Llama-family models.
+pub fn load_pretrained_quantized(
+    name_or_path: &str,
+    dtype: DType,
+    device: &Device,
+    bits: u32,
+) -> Result<Pretrained> {
+    load_with(name_or_path, dtype, device, false, Some(bits))
 }
 
 /// Whether `LLMTUNE_GGUF_F32` (any value but `0` or empty) asks for the dequantized f32 path
@@ -153,7 +167,7 @@ pub fn gguf_f32_forced() -> bool {
 /// models, other devices or dtypes, and `LLMTUNE_GGUF_F32=1` load as [`load_pretrained`].
 pub fn load_for_inference(name_or_path: &str, dtype: DType, device: &Device) -> Result<Pretrained> {
     let quantized = device.is_cpu() && dtype == DType::F32 && !gguf_f32_forced();
-    load_with(name_or_path, dtype, device, quantized)
+    load_with(name_or_path, dtype, device, quantized, None)
 }
 
 fn load_with(
@@ -161,6 +175,7 @@ fn load_with(
     dtype: DType,
     device: &Device,
     quantized: bool,
+    base_bits: Option<u32>,
 ) -> Result<Pretrained> {
     let (path, alias) = hub::resolve(name_or_path)?;
     if path.is_file() {
@@ -178,6 +193,10 @@ fn load_with(
         };
         let tokenizer = llmtune_tokenize::gguf::tokenizer_from_gguf(&g.vocab, path.clone())?;
         let mut llama = Llama::load(&g.config, &g.weights, dtype, device)?;
+        drop(g.weights);
+        if let Some(bits) = base_bits {
+            llama.quantize_linear_weights(bits)?;
+        }
         let n = llama.attach_quantized(&g.quant)?;
         if n > 0 {
             tracing::info!("{}: {n} matrices run quantized", path.display());
@@ -213,6 +232,13 @@ fn load_with(
     })?;
     // The config is checked before the weights are looked for.
     let (model, model_type): (CausalLm, String) = match chatglm_version(&raw) {
+        Some(_) if base_bits.is_some() => {
+            return Err(ModelError::Input(
+                "--quantization_bit supports Llama-family models (llama, qwen2, mistral, \
+                 smollm2) only for now, not ChatGLM"
+                    .into(),
+            ))
+        }
         Some(1) => {
             let cfg = ChatGlmConfig::from_file(&cfg_path)?;
             let src = loader::open_dir(&path)?;
@@ -233,7 +259,7 @@ fn load_with(
             let cfg = LlamaConfig::from_file(&cfg_path)?;
             let src = loader::open_dir(&path)?;
             (
-                Llama::load(&cfg, src.as_ref(), dtype, device)?.into(),
+                Llama::load_quantized(&cfg, src.as_ref(), dtype, device, base_bits)?.into(),
                 cfg.model_type.clone(),
             )
         }

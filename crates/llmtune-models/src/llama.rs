@@ -11,8 +11,9 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use llmtune_ops::quant::QMatrix;
+use llmtune_ops::quant::{QFormat, QMatrix, QK};
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
@@ -194,6 +195,45 @@ impl Module for Linear {
             None => Ok(y),
         }
     }
+}
+
+/// The GGML format of `--quantization_bit bits` (4: `Q4_1`, 8: `Q8_0`); CPU only.
+fn quant_format(bits: u32, device: &Device) -> Result<(QFormat, GgmlDType)> {
+    let f = match bits {
+        4 => (QFormat::Q4_1, GgmlDType::Q4_1),
+        8 => (QFormat::Q8_0, GgmlDType::Q8_0),
+        b => {
+            return Err(ModelError::Input(format!(
+                "quantization_bit must be 4 or 8, got {b}"
+            )))
+        }
+    };
+    if !device.is_cpu() {
+        return Err(ModelError::Input(
+            "--quantization_bit runs on the CPU only for now (the quantized kernels are CPU \
+             kernels)"
+                .into(),
+        ));
+    }
+    Ok(f)
+}
+
+/// Replaces `lin`'s float weight by its quantized matrix (in place; the float tensor is
+/// dropped). Layers already quantized, and those whose input size is not a multiple of 32
+/// (the block size), are left as they are.
+fn quantize_linear(name: &str, lin: &mut Linear, (format, gd): (QFormat, GgmlDType)) -> Result<()> {
+    let (rows, cols) = (lin.out_features(), lin.in_features());
+    if lin.quant.is_some() || cols % QK != 0 {
+        return Ok(());
+    }
+    let w = lin.weight.to_dtype(DType::F32)?;
+    let qt = QTensor::quantize(&w, gd)?;
+    let q = QMatrix::from_ggml_bytes(format, rows, cols, &qt.data()?)
+        .map_err(|e| ModelError::Model(format!("{name}: {e}")))?;
+    lin.quant = Some(Arc::new(q));
+    // A placeholder of the right shape that holds no memory (as a GGUF load's).
+    lin.weight = Tensor::zeros((1, 1), DType::F32, w.device())?.broadcast_as((rows, cols))?;
+    Ok(())
 }
 
 /// RMSNorm with a weight.
@@ -379,6 +419,20 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_quantized(cfg, src, dtype, device, None)
+    }
+
+    /// [`Llama::load`], quantizing each decoder-layer linear weight as it is read when `bits`
+    /// is set (as [`Llama::quantize_linear_weights`] does after a load, but without ever
+    /// holding the whole base in `dtype`: one matrix at a time).
+    pub fn load_quantized(
+        cfg: &LlamaConfig,
+        src: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        bits: Option<u32>,
+    ) -> Result<Self> {
+        let format = bits.map(|b| quant_format(b, device)).transpose()?;
         let (hs, v) = (cfg.hidden_size, cfg.vocab_size);
         let q_out = cfg.num_attention_heads * cfg.head_dim;
         let kv_out = cfg.num_key_value_heads * cfg.head_dim;
@@ -390,7 +444,11 @@ impl Llama {
             } else {
                 None
             };
-            Ok(Linear::new(w, b))
+            let mut l = Linear::new(w, b);
+            if let Some(f) = format {
+                quantize_linear(name, &mut l, f)?;
+            }
+            Ok(l)
         };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -658,44 +716,28 @@ impl Llama {
     /// tuning, no merging into them). A layer whose input size is not a multiple of 32 (the
     /// block size) stays f32. CPU only. Returns (quantized, left f32).
     pub fn quantize_linear_weights(&mut self, bits: u32) -> Result<(usize, usize)> {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        use llmtune_ops::quant::{QFormat, QK};
-        let (format, gd) = match bits {
-            4 => (QFormat::Q4_1, GgmlDType::Q4_1),
-            8 => (QFormat::Q8_0, GgmlDType::Q8_0),
-            b => {
-                return Err(ModelError::Input(format!(
-                    "quantization_bit must be 4 or 8, got {b}"
-                )))
-            }
-        };
-        if !self.device().is_cpu() {
-            return Err(ModelError::Input(
-                "--quantization_bit runs on the CPU only for now (the quantized kernels are CPU                  kernels)"
-                    .into(),
-            ));
-        }
-        let (mut done, mut kept) = (0, 0);
+        let format = quant_format(bits, self.device())?;
         for (name, lin) in self.linears_mut() {
-            if name == "lm_head" || lin.quant.is_some() {
-                continue;
+            if name != "lm_head" {
+                quantize_linear(&name, lin, format)?;
             }
-            let (rows, cols) = (lin.out_features(), lin.in_features());
-            if cols % QK != 0 {
-                kept += 1;
-                continue;
-            }
-            let w = lin.weight.to_dtype(DType::F32)?;
-            let qt = QTensor::quantize(&w, gd)?;
-            let q = QMatrix::from_ggml_bytes(format, rows, cols, &qt.data()?)
-                .map_err(|e| ModelError::Model(format!("{name}: {e}")))?;
-            lin.quant = Some(Arc::new(q));
-            // A placeholder of the right shape that holds no memory (as a GGUF load's).
-            lin.weight =
-                Tensor::zeros((1, 1), DType::F32, w.device())?.broadcast_as((rows, cols))?;
-            done += 1;
         }
-        Ok((done, kept))
+        Ok(self.quantized_linear_counts())
+    }
+
+    /// Decoder-layer linear layers on quantized weights, and those on float weights.
+    pub fn quantized_linear_counts(&mut self) -> (usize, usize) {
+        let mut n = (0, 0);
+        for (name, lin) in self.linears_mut() {
+            if name != "lm_head" {
+                if lin.quant.is_some() {
+                    n.0 += 1;
+                } else {
+                    n.1 += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Whether any layer runs on quantized weights (a GGUF's, or `quantize_linear_weights`).

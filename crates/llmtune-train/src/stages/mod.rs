@@ -110,14 +110,22 @@ pub fn load_model(args: &TrainArgs, device: &Device) -> Result<(Pretrained, Stri
     } else {
         DType::F32
     };
-    let p = llmtune_models::load_pretrained(&name, dtype, device)
-        .map_err(|e| other(format!("loading --model_name_or_path {name}: {e}")))?;
+    // `--quantization_bit` with nothing to merge first: quantize while loading (the float
+    // base is never held whole); otherwise `quantize_base` does it after the merge.
+    let p = match args.quantization_bit {
+        Some(bits) if args.checkpoint_dirs().is_empty() => {
+            llmtune_models::load_pretrained_quantized(&name, dtype, device, bits)
+        }
+        _ => llmtune_models::load_pretrained(&name, dtype, device),
+    }
+    .map_err(|e| other(format!("loading --model_name_or_path {name}: {e}")))?;
     Ok((p, name))
 }
 
 /// `--quantization_bit 4|8`: quantizes the base's decoder linear weights (`Q4_1` / `Q8_0`,
 /// see `Llama::quantize_linear_weights`) once any `--checkpoint_dir` has been merged into
-/// them; LoRA adapters train on top. No-op without the flag.
+/// them (without one, `load_model` already did it while loading), and says how many; LoRA
+/// adapters train on top. No-op without the flag.
 pub fn quantize_base(args: &TrainArgs, model: &mut CausalLm) -> Result<()> {
     let Some(bits) = args.quantization_bit else {
         return Ok(());
@@ -128,7 +136,11 @@ pub fn quantize_base(args: &TrainArgs, model: &mut CausalLm) -> Result<()> {
                 .into(),
         ));
     };
-    let r = m.quantize_linear_weights(bits);
+    let r = if m.is_quantized() {
+        Ok(m.quantized_linear_counts())
+    } else {
+        m.quantize_linear_weights(bits)
+    };
     // The f32 weights just freed are small heap blocks that glibc keeps (the CLI raises its
     // trim threshold for the training loop) and that the activations can only partly reuse:
     // hand their pages back (627 -> 262 MB resident for SmolLM2-135M at 4 bits).
