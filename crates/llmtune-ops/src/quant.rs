@@ -508,71 +508,6 @@ mod x86 {
         }
     }
 
-    /// 16 outputs of one Q4_1 tile row-group against activation blocks `x`
-    /// (`tiles` = the tile's `bpr` column blocks).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    pub(super) unsafe fn tile_q4_1(tiles: &[super::TileQ4_1], x: &[BlockQ8], out: &mut [f32; 16]) {
-        let mut res = _mm512_setzero_ps();
-        let low = _mm512_set1_epi8(0x0f);
-        for (t, xb) in tiles.iter().zip(x) {
-            prefetch_ahead(t);
-            let xq = xb.qs.as_ptr() as *const i32;
-            let mut a0 = _mm512_setzero_si512();
-            let mut a1 = _mm512_setzero_si512();
-            for g in 0..4 {
-                let p = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g) as *const _);
-                let lo = _mm512_and_si512(p, low);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(p), low);
-                a0 = _mm512_dpbusd_epi32(
-                    a0,
-                    lo,
-                    _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g))),
-                );
-                a1 = _mm512_dpbusd_epi32(
-                    a1,
-                    hi,
-                    _mm512_set1_epi32(std::ptr::read_unaligned(xq.add(g + 4))),
-                );
-            }
-            let acc = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
-            let m = _mm512_cvtph_ps(_mm256_loadu_si256(t.m.as_ptr() as *const __m256i));
-            res = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xb.d)), acc, res);
-            res = _mm512_fmadd_ps(m, _mm512_set1_ps(xb.s), res);
-        }
-        _mm512_storeu_ps(out.as_mut_ptr(), res);
-    }
-
-    /// 16 outputs of one Q8_0 tile row-group against activation blocks `x`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    pub(super) unsafe fn tile_q8_0(tiles: &[super::TileQ8_0], x: &[BlockQ8], out: &mut [f32; 16]) {
-        let mut res = _mm512_setzero_ps();
-        for (t, xb) in tiles.iter().zip(x) {
-            prefetch_ahead(t);
-            let xq = xb.qs.as_ptr() as *const i32;
-            let mut a0 = _mm512_setzero_si512();
-            let mut a1 = _mm512_setzero_si512();
-            for g in (0..8).step_by(2) {
-                // x + 128 as unsigned bytes: flip each byte's sign bit.
-                let x0 = std::ptr::read_unaligned(xq.add(g)) ^ 0x8080_8080u32 as i32;
-                let x1 = std::ptr::read_unaligned(xq.add(g + 1)) ^ 0x8080_8080u32 as i32;
-                let w0 = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g) as *const _);
-                let w1 = _mm512_loadu_si512(t.qs.as_ptr().add(64 * g + 64) as *const _);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x0), w0);
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x1), w1);
-            }
-            let ws = _mm512_loadu_si512(t.wsum.as_ptr() as *const _);
-            let acc = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), _mm512_slli_epi32::<7>(ws));
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
-            res = _mm512_fmadd_ps(
-                _mm512_mul_ps(d, _mm512_set1_ps(xb.d)),
-                _mm512_cvtepi32_ps(acc),
-                res,
-            );
-        }
-        _mm512_storeu_ps(out.as_mut_ptr(), res);
-    }
-
     /// [`super::quantize_row_q8_scalar`], 16 lanes at a time: the same float operations on
     /// each element (`|x|` maximum, `x * id`, the round-half-even constant added then taken
     /// off), so the same bits for finite inputs.
@@ -657,9 +592,10 @@ mod x86 {
         }
     }
 
-    /// [`tile_q4_1`] for `R` input rows at once: each weight tile is loaded and unpacked once
-    /// for all of them. Every row's float additions run in the order of `tile_q4_1`, so
-    /// `out[r]` is bit-identical to `tile_q4_1(tiles, xs[r])`.
+    /// `R` input rows (`xs`) against one Q4_1 tile row-group (`tiles` = the tile's `bpr`
+    /// column blocks): 16 outputs per row. Each weight tile is loaded and unpacked once for
+    /// all the rows; every row's float additions run in the same order whatever `R` is, so
+    /// `out[r]` does not depend on the other rows (the decode engine uses `R = 1`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     pub(super) unsafe fn tile_q4_1_rows<const R: usize>(
         tiles: &[super::TileQ4_1],
@@ -706,8 +642,7 @@ mod x86 {
         }
     }
 
-    /// [`tile_q8_0`] for `R` input rows at once (bit-identical per row, as
-    /// [`tile_q4_1_rows`]).
+    /// [`tile_q4_1_rows`] for a Q8_0 tile row-group.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     pub(super) unsafe fn tile_q8_0_rows<const R: usize>(
         tiles: &[super::TileQ8_0],
@@ -1194,17 +1129,22 @@ impl QMatrix {
         }
         #[cfg(target_arch = "x86_64")]
         if let (QIsa::Avx512Vnni, Some(tiles)) = (isa, &self.tiles) {
-            let mut o = [0f32; TILE];
+            let mut o = [[0f32; TILE]; 1];
             for t in rows.start / TILE..rows.end.div_ceil(TILE) {
                 // SAFETY: tiles exist only where the CPU has AVX-512-VNNI.
                 unsafe {
                     match tiles {
-                        Tiles::Q4_1(v) => x86::tile_q4_1(&v[t * bpr..(t + 1) * bpr], xq, &mut o),
-                        Tiles::Q8_0(v) => x86::tile_q8_0(&v[t * bpr..(t + 1) * bpr], xq, &mut o),
+                        Tiles::Q4_1(v) => {
+                            x86::tile_q4_1_rows::<1>(&v[t * bpr..(t + 1) * bpr], [xq], &mut o)
+                        }
+                        Tiles::Q8_0(v) => {
+                            x86::tile_q8_0_rows::<1>(&v[t * bpr..(t + 1) * bpr], [xq], &mut o)
+                        }
                     }
                 }
                 let (a, b) = ((t * TILE).max(rows.start), ((t + 1) * TILE).min(rows.end));
-                out[a - rows.start..b - rows.start].copy_from_slice(&o[a - t * TILE..b - t * TILE]);
+                out[a - rows.start..b - rows.start]
+                    .copy_from_slice(&o[0][a - t * TILE..b - t * TILE]);
             }
             return;
         }
