@@ -140,6 +140,10 @@ pub fn load_pretrained(name_or_path: &str, dtype: DType, device: &Device) -> Res
     load_with(name_or_path, dtype, device, false, None)
 }
 
+/// Why `--quantization_bit` refuses a ChatGLM model.
+pub const QUANTIZED_BASE_LLAMA_ONLY: &str = "--quantization_bit supports Llama-family models \
+     (llama, qwen2, mistral, smollm2) only for now, not ChatGLM";
+
 /// As [`load_pretrained`], with the decoder layers' linear weights quantized to `bits` (4:
 /// `Q4_1`, 8: `Q8_0`) for LoRA on a quantized base (`--quantization_bit`): from a HF folder
 /// each matrix is quantized as it is read, so the float base is never held whole; a `.gguf`
@@ -233,11 +237,7 @@ fn load_with(
     // The config is checked before the weights are looked for.
     let (model, model_type): (CausalLm, String) = match chatglm_version(&raw) {
         Some(_) if base_bits.is_some() => {
-            return Err(ModelError::Input(
-                "--quantization_bit supports Llama-family models (llama, qwen2, mistral, \
-                 smollm2) only for now, not ChatGLM"
-                    .into(),
-            ))
+            return Err(ModelError::Input(QUANTIZED_BASE_LLAMA_ONLY.into()))
         }
         Some(1) => {
             let cfg = ChatGlmConfig::from_file(&cfg_path)?;

@@ -132,23 +132,23 @@ pub fn quantize_base(args: &TrainArgs, model: &mut CausalLm) -> Result<()> {
     };
     let CausalLm::Llama(m) = model else {
         return Err(Error::InvalidArgument(
-            "--quantization_bit supports Llama-family models (llama, qwen2, mistral, smollm2)              only for now, not ChatGLM"
-                .into(),
+            llmtune_models::QUANTIZED_BASE_LLAMA_ONLY.into(),
         ));
     };
     let r = if m.is_quantized() {
         Ok(m.quantized_linear_counts())
     } else {
-        m.quantize_linear_weights(bits)
+        let r = m.quantize_linear_weights(bits);
+        // The f32 weights just freed are small heap blocks that glibc keeps (the CLI raises
+        // its trim threshold for the training loop) and that the activations can only partly
+        // reuse: hand their pages back (627 -> 262 MB resident for SmolLM2-135M at 4 bits).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        r
     };
-    // The f32 weights just freed are small heap blocks that glibc keeps (the CLI raises its
-    // trim threshold for the training loop) and that the activations can only partly reuse:
-    // hand their pages back (627 -> 262 MB resident for SmolLM2-135M at 4 bits).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
     let (n, kept) = r.map_err(|e| Error::InvalidArgument(e.to_string()))?;
     eprintln!(
         "--quantization_bit {bits}: {n} linear layers of the base quantized to {}{}",
