@@ -13,7 +13,9 @@ use llmtune_models::gguf::load_gguf_quantized;
 use llmtune_models::{CausalLm, DecodeEngine, Llama};
 use tiny_gguf::{write_model, Dims};
 
-fn model() -> CausalLm {
+/// `tag` keeps the GGUF path of each test its own: the tests of this binary run in
+/// parallel in one process, and a shared path let one test truncate the file the other read.
+fn model(tag: &str) -> CausalLm {
     let d = Dims {
         vocab: 128,
         hidden: 64,
@@ -26,7 +28,10 @@ fn model() -> CausalLm {
         tied: true,
         seed: 3,
     };
-    let path = std::env::temp_dir().join(format!("llmtune-gen-engine-{}.gguf", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "llmtune-gen-engine-{tag}-{}.gguf",
+        std::process::id()
+    ));
     write_model(&path, &d);
     let q = load_gguf_quantized(&path).unwrap();
     std::fs::remove_file(&path).ok();
@@ -38,7 +43,7 @@ fn model() -> CausalLm {
 
 #[test]
 fn greedy_one_prompt_equals_batched_path() {
-    let m = model();
+    let m = model("greedy");
     let prompt: Vec<u32> = vec![5, 17, 99, 3, 64, 12];
     let cfg = GenerationConfig {
         do_sample: false,
@@ -82,7 +87,7 @@ fn greedy_one_prompt_equals_batched_path() {
 
 #[test]
 fn sampled_one_prompt_equals_general_path_and_cancels() {
-    let m = model();
+    let m = model("sampled");
     let prompt: Vec<u32> = vec![1, 2, 3, 4];
     let cfg = GenerationConfig {
         do_sample: true,
