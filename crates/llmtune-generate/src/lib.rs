@@ -238,6 +238,32 @@ pub fn generate_cancellable(
             return Ok(out);
         }
     }
+    generate_batched(model, prompts, pad_id, cfg, on_token, cancel)
+}
+
+/// [`generate_cancellable`] on the general (batched tensor) path only, even for one prompt
+/// on a model the decode engine could run: the reference the engine is checked against.
+pub fn generate_batched(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &GenerationConfig,
+    mut on_token: impl FnMut(usize, u32),
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<Generated>, ModelError> {
+    let n = prompts.len();
+    let mut out: Vec<Generated> = (0..n)
+        .map(|_| Generated {
+            tokens: vec![],
+            finish: FinishReason::Length,
+        })
+        .collect();
+    if n == 0 || cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(ModelError::Input(format!("prompt {i} is empty")));
+    }
     let device = model.device().clone();
     let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(n * max_len);

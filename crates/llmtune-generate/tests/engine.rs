@@ -8,7 +8,9 @@ mod tiny_gguf;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
-use llmtune_generate::{generate, generate_cancellable, FinishReason, GenerationConfig};
+use llmtune_generate::{
+    generate, generate_batched, generate_cancellable, FinishReason, GenerationConfig,
+};
 use llmtune_models::gguf::load_gguf_quantized;
 use llmtune_models::{CausalLm, DecodeEngine, Llama};
 use tiny_gguf::{write_model, Dims};
@@ -100,10 +102,17 @@ fn sampled_one_prompt_equals_general_path_and_cancels() {
         ..Default::default()
     };
     let engine = generate(&m, std::slice::from_ref(&prompt), 0, &cfg, |_, _| {}).unwrap();
-    // The general path for one row (the only test here that changes the variable).
-    std::env::set_var("LLMTUNE_DECODE_ENGINE", "0");
-    let general = generate(&m, std::slice::from_ref(&prompt), 0, &cfg, |_, _| {}).unwrap();
-    std::env::remove_var("LLMTUNE_DECODE_ENGINE");
+    // The general path for the same one row.
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let general = generate_batched(
+        &m,
+        std::slice::from_ref(&prompt),
+        0,
+        &cfg,
+        |_, _| {},
+        &never,
+    )
+    .unwrap();
     assert_eq!(engine, general);
     // Cancelled before the first token: nothing generated.
     let cancel = std::sync::atomic::AtomicBool::new(true);
