@@ -477,22 +477,27 @@ fn estimate_memory_reports_the_expected_peak_and_trains_nothing() {
     );
 }
 
-#[test]
-fn quantized_base_trains_lora_close_to_f32_and_predicts() {
-    let Some(fx) = fixtures() else { return };
-    let model = fx.join("llama");
+/// How many decoder linear layers of the HF model in `model` `--quantization_bit` quantizes:
+/// those whose input size is a multiple of 32 (q/k/v/gate/up read the hidden size, o the
+/// heads, down the MLP width).
+fn quantizable_layers(model: &Path) -> u64 {
     let cfg = read_json(&model.join("config.json"));
     let dim = |k: &str| cfg[k].as_u64().unwrap();
     let head_dim = cfg["head_dim"]
         .as_u64()
         .unwrap_or(dim("hidden_size") / dim("num_attention_heads"));
-    // Layers whose input size is a multiple of 32 are quantized: q/k/v/gate/up read the
-    // hidden size, o the heads, down the MLP width.
     let ok = |n: u64| (n % 32 == 0) as u64;
     let per_layer = 5 * ok(dim("hidden_size"))
         + ok(dim("num_attention_heads") * head_dim)
         + ok(dim("intermediate_size"));
-    let expect_n = per_layer * dim("num_hidden_layers");
+    per_layer * dim("num_hidden_layers")
+}
+
+#[test]
+fn quantized_base_trains_lora_close_to_f32_and_predicts() {
+    let Some(fx) = fixtures() else { return };
+    let model = fx.join("llama");
+    let expect_n = quantizable_layers(&model);
     let reference = tmp("qlora-f32");
     let (code, _, err) = run(&sft_args(&model, &reference, 3));
     assert_eq!(code, 0, "{err}");
@@ -576,4 +581,53 @@ fn quantized_base_trains_lora_close_to_f32_and_predicts() {
         err.contains("--quantization_bit is not supported with --stage ppo yet"),
         "{err}"
     );
+}
+
+/// `--quantization_bit 8` on a `Q8_0` GGUF trains on the file's own blocks (read tensor by
+/// tensor, never dequantized whole): the losses follow the same file's dequantized f32 base
+/// within the 8-bit activations' error, and the same layers are quantized as from the HF
+/// folder.
+#[test]
+fn quantized_base_from_a_gguf_trains_on_its_blocks() {
+    let Some(fx) = fixtures() else { return };
+    let model = fx.join("llama");
+    let expect_n = quantizable_layers(&model);
+    let exp = tmp("qlora-gguf-export");
+    let (code, _, err) = run(&strings(&[
+        "export",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--export_gguf",
+        "q8_0",
+        "--output_dir",
+        exp.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 0, "{err}");
+    let gguf = exp.join("model-q8_0.gguf");
+    let reference = tmp("qlora-gguf-f32");
+    let (code, _, err) = run(&sft_args(&gguf, &reference, 3));
+    assert_eq!(code, 0, "{err}");
+    let f32_losses = step_losses(&reference);
+    let out = tmp("qlora-gguf-8");
+    let mut args = sft_args(&gguf, &out, 3);
+    set_flag(&mut args, "--quantization_bit", "8");
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "--quantization_bit 8: {expect_n} linear layers of the base quantized to Q8_0"
+        )),
+        "{err}"
+    );
+    let losses = step_losses(&out);
+    assert_eq!(losses.len(), f32_losses.len());
+    for (q, f) in losses.iter().zip(&f32_losses) {
+        assert!(
+            (q - f).abs() <= 0.01 * f.abs(),
+            "8-bit {losses:?} vs f32 {f32_losses:?}"
+        );
+    }
+    for d in [exp, reference, out] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }

@@ -221,17 +221,39 @@ fn vocab_of(m: &Meta<'_>) -> Result<GgufVocab> {
 
 /// Reads a GGUF file: config, dequantized f32 weights (HF names) and tokenizer vocabulary.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel> {
-    load(path, device, false)
+    load(path, device, Keep::Nothing)
 }
 
 /// As [`load_gguf`], but keeps the `Q4_1`/`Q8_0` matrices of the linear layers and of the LM
 /// head quantized (in [`GgufModel::quant`]) for inference on the CPU; other formats are
 /// dequantized. The tied token embeddings are kept both ways (f32 for the lookups).
 pub fn load_gguf_quantized(path: &Path) -> Result<GgufModel> {
-    load(path, &Device::Cpu, true)
+    load(path, &Device::Cpu, Keep::Inference)
 }
 
-fn load(path: &Path, device: &Device, quantized: bool) -> Result<GgufModel> {
+/// As [`load_gguf`], for a quantized LoRA base (`--quantization_bit 4|8`, CPU): the decoder
+/// layers' linear weights come back quantized in [`GgufModel::quant`], as `Q4_1` (4 bits) or
+/// `Q8_0` (8 bits). Those the file stores in that format are kept as they are (no second
+/// rounding); the others are dequantized and quantized to it one tensor at a time, so the
+/// float weights are never held whole. Embeddings, norms and the LM head come back f32 (the
+/// training head needs them); a matrix whose input size is not a multiple of 32 stays f32.
+pub fn load_gguf_base(path: &Path, bits: u32) -> Result<GgufModel> {
+    let format = crate::llama::quant_format(bits, &Device::Cpu)?;
+    load(path, &Device::Cpu, Keep::Base(format))
+}
+
+/// What [`load`] keeps quantized.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// Nothing: every tensor is dequantized.
+    Nothing,
+    /// For inference: `Q4_1`/`Q8_0` linear layers and LM head (tied embeddings both ways).
+    Inference,
+    /// A LoRA base: the decoder layers' linear weights, in this format.
+    Base((QFormat, GgmlDType)),
+}
+
+fn load(path: &Path, device: &Device, keep: Keep) -> Result<GgufModel> {
     let (mut file, content) = open_gguf(path)?;
     let m = Meta {
         md: &content.metadata,
@@ -298,11 +320,16 @@ fn load(path: &Path, device: &Device, quantized: bool) -> Result<GgufModel> {
             _ => None,
         };
         let dims = qt.shape().dims().to_vec();
-        if let (true, Some(format), &[rows, cols]) = (
-            quantized && keeps_quantized(&hf, !has_output),
-            format,
-            &dims[..],
-        ) {
+        // A LoRA base keeps only the decoder layers' matrices, and only in its own format.
+        let (keep_this, format) = match keep {
+            Keep::Nothing => (false, None),
+            Keep::Inference => (keeps_quantized(&hf, !has_output), format),
+            Keep::Base((f, gd)) => {
+                let layer = hf.starts_with("model.") && keeps_quantized(&hf, false);
+                (layer, (qt.dtype() == gd).then_some(f))
+            }
+        };
+        if let (true, Some(format), &[rows, cols]) = (keep_this, format, &dims[..]) {
             let bytes = qt.data()?;
             let mut q = QMatrix::from_ggml_bytes(format, rows, cols, &bytes).map_err(|msg| {
                 ModelError::Weights {
@@ -330,6 +357,15 @@ fn load(path: &Path, device: &Device, quantized: bool) -> Result<GgufModel> {
                 t = unpermute(&t, n_head)?;
             } else if hf.ends_with("k_proj.weight") || hf.ends_with("k_proj.bias") {
                 t = unpermute(&t, n_kv)?;
+            }
+        }
+        if let (Keep::Base(f), true, &[rows, cols]) = (keep, keep_this, &dims[..]) {
+            if cols % llmtune_ops::quant::QK == 0 {
+                let q = crate::llama::quantize_matrix(&hf, &t, f)?;
+                let p = Tensor::zeros((1, 1), DType::F32, device)?.broadcast_as((rows, cols))?;
+                tensors.insert(hf.clone(), p);
+                quant.insert(hf, Arc::new(q));
+                continue;
             }
         }
         tensors.insert(hf, t.to_device(device)?);

@@ -190,17 +190,15 @@ fn load_with(
                 path.display()
             )));
         }
-        let g = if quantized {
-            gguf::load_gguf_quantized(&path)?
-        } else {
-            gguf::load_gguf(&path, device)?
+        let g = match base_bits {
+            // Kept or quantized tensor by tensor: the float base is never held whole.
+            Some(bits) => gguf::load_gguf_base(&path, bits)?,
+            None if quantized => gguf::load_gguf_quantized(&path)?,
+            None => gguf::load_gguf(&path, device)?,
         };
         let tokenizer = llmtune_tokenize::gguf::tokenizer_from_gguf(&g.vocab, path.clone())?;
         let mut llama = Llama::load(&g.config, &g.weights, dtype, device)?;
         drop(g.weights);
-        if let Some(bits) = base_bits {
-            llama.quantize_linear_weights(bits)?;
-        }
         let n = llama.attach_quantized(&g.quant)?;
         if n > 0 {
             tracing::info!("{}: {n} matrices run quantized", path.display());

@@ -198,7 +198,7 @@ impl Module for Linear {
 }
 
 /// The GGML format of `--quantization_bit bits` (4: `Q4_1`, 8: `Q8_0`); CPU only.
-fn quant_format(bits: u32, device: &Device) -> Result<(QFormat, GgmlDType)> {
+pub(crate) fn quant_format(bits: u32, device: &Device) -> Result<(QFormat, GgmlDType)> {
     let f = match bits {
         4 => (QFormat::Q4_1, GgmlDType::Q4_1),
         8 => (QFormat::Q8_0, GgmlDType::Q8_0),
@@ -227,13 +227,22 @@ fn quantize_linear(name: &str, lin: &mut Linear, (format, gd): (QFormat, GgmlDTy
         return Ok(());
     }
     let w = lin.weight.to_dtype(DType::F32)?;
-    let qt = QTensor::quantize(&w, gd)?;
-    let q = QMatrix::from_ggml_bytes(format, rows, cols, &qt.data()?)
-        .map_err(|e| ModelError::Model(format!("{name}: {e}")))?;
-    lin.quant = Some(Arc::new(q));
+    lin.quant = Some(Arc::new(quantize_matrix(name, &w, (format, gd))?));
     // A placeholder of the right shape that holds no memory (as a GGUF load's).
     lin.weight = Tensor::zeros((1, 1), DType::F32, w.device())?.broadcast_as((rows, cols))?;
     Ok(())
+}
+
+/// `w` (f32, `[rows, cols]` with `cols` a multiple of 32) as a GGML `format` matrix.
+pub(crate) fn quantize_matrix(
+    name: &str,
+    w: &Tensor,
+    (format, gd): (QFormat, GgmlDType),
+) -> Result<QMatrix> {
+    let (rows, cols) = w.dims2()?;
+    let qt = QTensor::quantize(w, gd)?;
+    QMatrix::from_ggml_bytes(format, rows, cols, &qt.data()?)
+        .map_err(|e| ModelError::Model(format!("{name}: {e}")))
 }
 
 /// RMSNorm with a weight.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use llmtune_models::gguf::{load_gguf, load_gguf_quantized};
+use llmtune_models::gguf::{load_gguf, load_gguf_base, load_gguf_quantized};
 use llmtune_models::Llama;
 
 // The seeded weights and llama.cpp's q/k permutation of the decode-engine tests' writer.
@@ -235,5 +235,116 @@ fn other_formats_stay_dequantized() {
     assert!(q.quant.is_empty());
     let m = Llama::load(&q.config, &q.weights, DType::F32, &Device::Cpu).unwrap();
     assert!(!m.is_quantized());
+    std::fs::remove_file(&path).ok();
+}
+
+/// `--quantization_bit` on a GGUF: `load_gguf_base` (tensor by tensor) must give the model
+/// that "dequantize all, then `quantize_linear_weights`" gives, matrix for matrix, with the
+/// file's own blocks kept where they are already in the asked format (4 bits on a `Q4_1`
+/// file, 8 on `Q8_0`) and the embeddings, norms and LM head f32.
+fn check_base(file: GgmlDType, bits: u32, tied: bool) {
+    let dir = std::env::temp_dir().join(format!("llmtune-qgguf-base-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("tiny-{file:?}-{bits}-{tied}.gguf"));
+    write_model(&path, file, tied);
+    let dev = Device::Cpu;
+
+    let g = load_gguf(&path, &dev).unwrap();
+    let mut want = Llama::load(&g.config, &g.weights, DType::F32, &dev).unwrap();
+    assert_eq!(want.quantize_linear_weights(bits).unwrap(), (7 * LAYERS, 0));
+
+    let b = load_gguf_base(&path, bits).unwrap();
+    assert_eq!(b.quant.len(), 7 * LAYERS, "{:?}", b.quant.keys());
+    let mut got = Llama::load(&b.config, &b.weights, DType::F32, &dev).unwrap();
+    assert_eq!(got.attach_quantized(&b.quant).unwrap(), 7 * LAYERS);
+    assert_eq!(got.quantized_linear_counts(), (7 * LAYERS, 0));
+    assert!(
+        got.tied_head_quant.is_none(),
+        "the head stays f32 for training"
+    );
+    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    assert_eq!(flat(&got.embed_tokens), flat(&want.embed_tokens));
+    assert_eq!(got.layers[0].mlp.down_proj.weight.stride(), [0, 0]);
+
+    let wanted: std::collections::HashMap<String, Vec<f32>> = want
+        .linears_mut()
+        .into_iter()
+        .map(|(n, l)| {
+            let v = match &l.quant {
+                Some(q) => q.dequantize(),
+                None => flat(&l.weight),
+            };
+            (n, v)
+        })
+        .collect();
+    // The file's own blocks, for the formats kept as they are.
+    let file_blocks: std::collections::HashMap<String, Vec<f32>> =
+        if (file == GgmlDType::Q4_1 && bits == 4) || (file == GgmlDType::Q8_0 && bits == 8) {
+            let q = load_gguf_quantized(&path).unwrap();
+            q.quant
+                .iter()
+                .map(|(n, m)| (n.trim_end_matches(".weight").to_string(), m.dequantize()))
+                .collect()
+        } else {
+            Default::default()
+        };
+    for (name, lin) in got.linears_mut() {
+        match &lin.quant {
+            Some(q) => {
+                assert_eq!(q.dequantize(), wanted[&name], "{name}");
+                if let Some(f) = file_blocks.get(&name) {
+                    assert_eq!(&q.dequantize(), f, "{name}: the file's blocks");
+                }
+            }
+            None => {
+                assert!(name == "lm_head", "{name} left float");
+                assert_eq!(flat(&lin.weight), wanted[&name], "{name}");
+            }
+        }
+    }
+    if bits == 4 && file == GgmlDType::Q4_1 {
+        assert_eq!(file_blocks.len(), 7 * LAYERS + 1);
+    }
+
+    // The same logits (the placeholders are never read).
+    let ids = Tensor::from_vec(
+        (0..18).map(|i| (i * 37 + 5) % VOCAB as u32).collect(),
+        (2, 9),
+        &dev,
+    )
+    .unwrap();
+    let (lw, _) = want.forward(&ids, None, None, None).unwrap();
+    let (lg, _) = got.forward(&ids, None, None, None).unwrap();
+    assert_eq!(max_abs(&lw, &lg), 0.0, "{file:?} {bits} bits");
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn gguf_base_keeps_the_files_blocks_in_the_asked_format() {
+    check_base(GgmlDType::Q4_1, 4, true);
+    check_base(GgmlDType::Q8_0, 8, false);
+}
+
+#[test]
+fn gguf_base_quantizes_other_formats_tensor_by_tensor() {
+    check_base(GgmlDType::Q4_1, 8, true);
+    check_base(GgmlDType::Q8_0, 4, false);
+    check_base(GgmlDType::F16, 4, true);
+}
+
+#[test]
+fn gguf_base_refuses_other_bit_widths() {
+    let dir = std::env::temp_dir().join(format!("llmtune-qgguf-bits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    write_model(&path, GgmlDType::Q8_0, true);
+    let Err(err) = load_gguf_base(&path, 3) else {
+        panic!("3 bits accepted")
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("quantization_bit must be 4 or 8, got 3"),
+        "{err}"
+    );
     std::fs::remove_file(&path).ok();
 }
