@@ -219,23 +219,16 @@ pub fn generate_cancellable(
     mut on_token: impl FnMut(usize, u32),
     cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<Vec<Generated>, ModelError> {
-    let n = prompts.len();
-    let mut out: Vec<Generated> = (0..n)
-        .map(|_| Generated {
-            tokens: vec![],
-            finish: FinishReason::Length,
-        })
-        .collect();
-    if n == 0 || cfg.max_new_tokens == 0 {
-        return Ok(out);
-    }
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(ModelError::Input(format!("prompt {i} is empty")));
-    }
-    if let (1, CausalLm::Llama(llama)) = (n, model) {
-        if engine_enabled() && DecodeEngine::supports(llama) {
-            out[0] = generate_on_engine(model, llama, &prompts[0], cfg, &mut on_token, cancel)?;
-            return Ok(out);
+    // One non-empty prompt on a model the engine runs; the rest (and the empty cases, which
+    // it answers) is the general path's.
+    if let ([prompt], CausalLm::Llama(llama)) = (prompts, model) {
+        if cfg.max_new_tokens > 0
+            && !prompt.is_empty()
+            && engine_enabled()
+            && DecodeEngine::supports(llama)
+        {
+            let g = generate_on_engine(model, llama, prompt, cfg, &mut on_token, cancel)?;
+            return Ok(vec![g]);
         }
     }
     generate_batched(model, prompts, pad_id, cfg, on_token, cancel)

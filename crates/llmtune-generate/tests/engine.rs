@@ -61,6 +61,15 @@ fn greedy_one_prompt_equals_batched_path() {
     let two = generate(&m, &[prompt.clone(), prompt.clone()], 0, &cfg, |_, _| {}).unwrap();
     assert_eq!(one[0], two[0]);
     assert_eq!(one[0].tokens.len(), 24);
+    // What the engine does not take is answered as the general path does.
+    let err = generate(&m, &[vec![]], 0, &cfg, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("prompt 0 is empty"), "{err}");
+    let none = GenerationConfig {
+        max_new_tokens: 0,
+        ..cfg.clone()
+    };
+    let z = generate(&m, std::slice::from_ref(&prompt), 0, &none, |_, _| {}).unwrap();
+    assert!(z[0].tokens.is_empty() && z[0].finish == FinishReason::Length);
     assert_eq!(one[0].finish, FinishReason::Length);
     assert_eq!(
         streamed,
