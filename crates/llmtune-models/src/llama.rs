@@ -348,6 +348,14 @@ impl Module for Mlp {
                 return self.down_proj.forward(&h);
             }
         }
+        if let (Some(wg), Some(wu)) = (&self.gate_proj.quant, &self.up_proj.quant) {
+            // A quantized base (`--quantization_bit`): the same products, as one node.
+            if self.gate_proj.plain_weight().is_some() && self.up_proj.plain_weight().is_some() {
+                if let Some(h) = llmtune_ops::swiglu_in_quant(x, wg, wu)? {
+                    return self.down_proj.forward(&h);
+                }
+            }
+        }
         let g = self.gate_proj.forward(x)?;
         let u = self.up_proj.forward(x)?;
         self.down_proj.forward(&llmtune_ops::swiglu(&g, &u)?)

@@ -65,7 +65,7 @@ pub(crate) fn fused_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("LLMTUNE_FUSED").map_or(true, |v| v != "0"))
 }
 pub use lora::lora_add;
-pub use mlp::swiglu_in;
+pub use mlp::{swiglu_in, swiglu_in_quant};
 
 /// `x @ w^T (+ b)` where `w` is a weight of shape `[out, in]`.
 ///

@@ -379,3 +379,54 @@ fn quant_linear_backward_is_dy_times_the_dequantized_weight() {
         }
     }
 }
+
+#[test]
+fn swiglu_in_quant_equals_the_composed_quantized_mlp_input() {
+    // The fused MLP input on a quantized base: the forward is bit for bit the composed
+    // `swiglu(quant_linear(x, wg), quant_linear(x, wu))`, the input gradient the same sums.
+    let dev = Device::Cpu;
+    for fmt in [QFormat::Q4_1, QFormat::Q8_0] {
+        let (inter, k) = (48usize, 64usize);
+        let wg = std::sync::Arc::new(quantized(fmt, inter, k, 7));
+        let wu = std::sync::Arc::new(quantized(fmt, inter, k, 8));
+        let mut r = Rng(9);
+        let xs: Vec<f32> = (0..2 * 5 * k).map(|_| r.f32()).collect();
+        let x =
+            candle_core::Var::from_tensor(&Tensor::from_vec(xs, (2, 5, k), &dev).unwrap()).unwrap();
+        let dys: Vec<f32> = (0..2 * 5 * inter).map(|_| r.f32()).collect();
+        let dy = Tensor::from_vec(dys, (2, 5, inter), &dev).unwrap();
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let run = |fused: bool| {
+            let y = if fused {
+                llmtune_ops::swiglu_in_quant(x.as_tensor(), &wg, &wu)
+                    .unwrap()
+                    .expect("applies")
+            } else {
+                let g = llmtune_ops::quant::quant_linear(x.as_tensor(), &wg).unwrap();
+                let u = llmtune_ops::quant::quant_linear(x.as_tensor(), &wu).unwrap();
+                llmtune_ops::swiglu(&g, &u).unwrap()
+            };
+            let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            (flat(&y), flat(grads.get(&x).unwrap()))
+        };
+        let (y_fused, dx_fused) = run(true);
+        let (y_comp, dx_comp) = run(false);
+        assert_eq!(y_fused, y_comp, "{fmt:?} forward");
+        for (i, (g, e)) in dx_fused.iter().zip(&dx_comp).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                "{fmt:?} dx {i}: {g} vs {e}"
+            );
+        }
+        // Untracked (inference): the same forward, nothing kept.
+        let y = llmtune_ops::swiglu_in_quant(&x.as_tensor().detach(), &wg, &wu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(flat(&y), y_fused);
+        // Shapes that do not fit are left to the caller.
+        let other = std::sync::Arc::new(quantized(fmt, inter + 16, k, 10));
+        assert!(llmtune_ops::swiglu_in_quant(x.as_tensor(), &wg, &other)
+            .unwrap()
+            .is_none());
+    }
+}
