@@ -33,6 +33,7 @@ pub enum StageArg {
     Sft,
     Rm,
     Ppo,
+    Dpo,
 }
 
 /// How the model is fine-tuned.
@@ -61,7 +62,7 @@ pub enum EvalStrategy {
 #[command(rename_all = "snake_case")]
 pub struct TrainArgs {
     // ---- stage and actions ----
-    /// Training stage: sft, rm or ppo.
+    /// Training stage: sft, rm, ppo or dpo.
     #[arg(long, value_enum, default_value = "sft")]
     pub stage: StageArg,
     /// Run training.
@@ -87,6 +88,11 @@ pub struct TrainArgs {
     /// The reward model's output folder (stage ppo).
     #[arg(long)]
     pub reward_model: Option<String>,
+    /// DPO's beta (stage dpo): the rewards are beta x (policy - reference) log-probability of
+    /// an answer; larger keeps the policy closer to the reference.
+    #[arg(long, default_value_t = 0.1, alias = "pref_beta")]
+    #[serde(default = "default_dpo_beta")]
+    pub dpo_beta: f64,
     /// Continue training the last checkpoint_dir adapter (true) or merge all and add a new one.
     #[arg(long, default_value = "true", num_args = 0..=1, default_missing_value = flag!(), value_parser = parse_bool)]
     pub resume_lora_training: bool,
@@ -281,6 +287,10 @@ pub struct TrainArgs {
     pub repetition_penalty: f64,
 }
 
+fn default_dpo_beta() -> f64 {
+    0.1
+}
+
 fn default_ddp_timeout() -> u64 {
     1800
 }
@@ -304,9 +314,26 @@ impl TrainArgs {
     pub fn validate(&self) -> Result<(), String> {
         if self.estimate_memory && (!self.do_train || self.stage == StageArg::Ppo) {
             return Err(
-                "--estimate_memory works with --do_train for --stage sft and rm (not ppo yet)"
+                "--estimate_memory works with --do_train for --stage sft, rm and dpo (not ppo yet)"
                     .into(),
             );
+        }
+        if self.stage == StageArg::Dpo {
+            if self.finetuning_type != FinetuningType::Lora {
+                return Err(
+                    "--stage dpo trains a LoRA adapter (--finetuning_type lora): its reference \
+                     model is the model with the adapter disabled"
+                        .into(),
+                );
+            }
+            if !(self.dpo_beta.is_finite() && self.dpo_beta > 0.0) {
+                return Err(format!("--dpo_beta must be > 0, got {}", self.dpo_beta));
+            }
+            if self.gradient_checkpointing {
+                return Err(
+                    "--gradient_checkpointing is not supported with --stage dpo yet".into(),
+                );
+            }
         }
         if self.predict_with_generate && self.stage != StageArg::Sft {
             return Err("--predict_with_generate is only for --stage sft".into());

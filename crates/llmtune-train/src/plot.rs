@@ -4,7 +4,7 @@
 //! `log_history` are drawn against `step`: the raw curve faint (alpha 0.4,
 //! label `original`) and its EMA (weight 0.9, seeded by the first value,
 //! label `smoothed`), titled `training {key} of {output_dir}`, into
-//! `training_{key}.png` (640x480, matplotlib's default size at 100 dpi).
+//! `training_{key}.png` (`/` in a key written `_`; 640x480, matplotlib's default size at 100 dpi).
 //!
 //! Text is rendered with the bundled DejaVu Sans (assets/, Bitstream Vera
 //! license) through `ab_glyph`, so no system fonts or fontconfig are needed.
@@ -57,7 +57,9 @@ pub fn plot_loss(output_dir: &Path, keys: &[&str]) -> Result<Vec<PathBuf>> {
             tracing::warn!("No metric {key} to plot.");
             continue;
         }
-        let path = output_dir.join(format!("training_{key}.png"));
+        // `eval_rewards/accuracies` -> `training_eval_rewards_accuracies.png` (LLaMA-Factory's
+        // name for such keys).
+        let path = output_dir.join(format!("training_{}.png", key.replace('/', "_")));
         let title = format!("training {key} of {}", output_dir.display());
         plot_curve(&path, &title, key, &points)?;
         tracing::info!("Figure saved: {}", path.display());

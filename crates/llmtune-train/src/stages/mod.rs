@@ -13,6 +13,7 @@ use crate::args::{FinetuningType, StageArg, TrainArgs};
 use crate::error::{other, Error, Result};
 use crate::trainer::TrainerConfig;
 
+pub mod dpo;
 pub mod ppo;
 pub mod predict;
 pub mod rm;
@@ -35,7 +36,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         }
         if !args.do_train || args.stage == StageArg::Ppo {
             return Err(Error::InvalidArgument(
-                "--estimate_memory works with --do_train for --stage sft and rm (not ppo yet)"
+                "--estimate_memory works with --do_train for --stage sft, rm and dpo (not ppo yet)"
                     .into(),
             ));
         }
@@ -50,6 +51,10 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         StageArg::Rm if args.do_predict || args.do_eval => rm::predict(args, device),
         StageArg::Rm => Err(Error::InvalidArgument(
             "--stage rm needs --do_train, --do_eval or --do_predict".into(),
+        )),
+        StageArg::Dpo if args.do_train => dpo::run(args, device),
+        StageArg::Dpo => Err(Error::InvalidArgument(
+            "--stage dpo needs --do_train (predict with --stage sft and the DPO output as --checkpoint_dir)".into(),
         )),
         StageArg::Ppo if args.do_train => ppo::run(args, device),
         StageArg::Ppo => Err(Error::InvalidArgument(

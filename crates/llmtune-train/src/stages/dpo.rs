@@ -1,0 +1,308 @@
+//! Direct preference optimisation with LoRA (SPEC §12; Rafailov et al. 2023), as TRL's
+//! `DPOTrainer` with `loss_type="sigmoid"` runs it for a PEFT model without a separate
+//! reference model (LLaMA-Factory's `--stage dpo`).
+//!
+//! 1. Load the base model and tokenizer.
+//! 2. Apply the `--checkpoint_dir` adapters (the SFT adapter, merged with
+//!    `--resume_lora_training false`, or continued) and add (or resume) the trainable LoRA.
+//! 3. The reference model is the same backbone with every adapter disabled: the model the run
+//!    starts from, at no extra weight cost.
+//! 4. Encode the preference pairs (the rm stage's data: `output` = `[chosen, rejected]`) and
+//!    hold out `--dev_ratio`.
+//! 5. Train with the shared loop. A micro-batch of n pairs is 2n rows (the n chosen, then
+//!    the n rejected): each prompt left-padded, each answer (with its eos) right-padded. A
+//!    row's log-probability `log p(answer | prompt)` is the sum over its answer tokens; with
+//!    `pi` the policy's and `ref` the reference's, the rewards are
+//!    `beta (pi - ref)` per row and the loss is the mean over pairs of
+//!    `-log sigmoid(reward_chosen - reward_rejected)`. Dropout is off (TRL's
+//!    `disable_dropout`): the reference and policy passes see the same network.
+//!    Evaluation adds TRL's `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
+//!    `rewards/margins`, `logps/chosen` and `logps/rejected` (as `eval_...`).
+//! 6. Save the adapter (PEFT layout), results and plots.
+//!
+//! At the first step the policy is the reference (a fresh LoRA B is zero), so every pair's
+//! loss is `log 2`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use llmtune_adapters::{pairwise_ranking_loss, Lora};
+use llmtune_data::{split_dev, Example, Stage};
+use llmtune_models::CausalLm;
+
+use crate::args::TrainArgs;
+use crate::error::{other, Error, Result};
+use crate::ppo::{policy_forward, SeqBatch};
+use crate::trainer::{train, Task};
+
+/// Sums over the evaluation pass (per pair).
+#[derive(Debug, Default, Clone, Copy)]
+struct EvalSums {
+    pairs: usize,
+    correct: usize,
+    chosen: f64,
+    rejected: f64,
+    logps_chosen: f64,
+    logps_rejected: f64,
+}
+
+/// What one micro-batch of pairs gives: the loss and, per pair, the rewards and the policy's
+/// log-probabilities.
+pub struct DpoOutput {
+    /// Mean over the pairs of `-log sigmoid(reward_chosen - reward_rejected)`; differentiable
+    /// in the trainable adapter.
+    pub loss: Tensor,
+    /// Real (non-padding) tokens of the 2n rows.
+    pub tokens: u64,
+    /// `(chosen, rejected)` per pair: `beta (policy - reference)` log-probability.
+    pub rewards: Vec<(f64, f64)>,
+    /// `(chosen, rejected)` per pair: the policy's log-probability of the answer.
+    pub logps: Vec<(f64, f64)>,
+}
+
+/// The DPO objective on a model whose active adapters make the policy; the same model with
+/// every adapter of `lora` disabled is the reference.
+pub struct Dpo<'a> {
+    pub model: &'a CausalLm,
+    pub lora: &'a Lora,
+    pub beta: f64,
+    /// Fills the padding (masked out).
+    pub pad_id: u32,
+}
+
+struct DpoTask<'a> {
+    dpo: Dpo<'a>,
+    adapter: String,
+    base_name: String,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    sums: EvalSums,
+}
+
+/// `[rows]`: the sum of each row's answer-token log-probabilities (`logprobs` `[rows, r]`,
+/// the columns past each answer's length ignored).
+fn sequence_logps(logprobs: &Tensor, batch: &SeqBatch) -> Result<Tensor> {
+    let r = batch.r_width;
+    let mask: Vec<f32> = batch
+        .response_lens
+        .iter()
+        .flat_map(|&l| (0..r).map(move |j| if j < l { 1.0 } else { 0.0 }))
+        .collect();
+    let mask =
+        Tensor::from_vec(mask, (batch.rows(), r), logprobs.device())?.to_dtype(logprobs.dtype())?;
+    Ok((logprobs * mask)?.sum(1)?)
+}
+
+impl Dpo<'_> {
+    /// The 2n rows of `pairs` (the chosen answers, then the rejected ones).
+    fn batch(&self, pairs: &[&Example]) -> Result<SeqBatch> {
+        let mut queries = Vec::with_capacity(2 * pairs.len());
+        let mut answers = Vec::with_capacity(2 * pairs.len());
+        for pick_chosen in [true, false] {
+            for (i, e) in pairs.iter().enumerate() {
+                let Example::Pair(p) = e else {
+                    return Err(Error::InvalidArgument(format!(
+                        "DPO trains on preference pairs; example {i} of the batch is {:?}",
+                        e.mode()
+                    )));
+                };
+                let ids = if pick_chosen {
+                    &p.chosen_ids
+                } else {
+                    &p.rejected_ids
+                };
+                queries.push(ids[..p.prompt_len].to_vec());
+                answers.push(ids[p.prompt_len..].to_vec());
+            }
+        }
+        SeqBatch::new(&queries, &answers, self.pad_id, self.model.device())
+    }
+
+    /// The loss, rewards and log-probabilities of `pairs` (all [`Example::Pair`]), as one
+    /// batch: a reference pass without a graph, then the policy pass.
+    pub fn pairs(&self, pairs: &[&Example]) -> Result<DpoOutput> {
+        let n = pairs.len();
+        let batch = self.batch(pairs)?;
+        let reference: Vec<f64> = {
+            let _off = self.lora.disabled();
+            let lp = policy_forward(self.model, None, &batch)?.logprobs.detach();
+            sequence_logps(&lp, &batch)?
+                .to_dtype(DType::F64)?
+                .to_vec1()?
+        };
+        let policy = sequence_logps(&policy_forward(self.model, None, &batch)?.logprobs, &batch)?
+            .to_dtype(DType::F32)?;
+        let reference_t = Tensor::from_vec(
+            reference.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            2 * n,
+            policy.device(),
+        )?;
+        let rewards = ((&policy - &reference_t)? * self.beta)?;
+        let (chosen, rejected) = (rewards.narrow(0, 0, n)?, rewards.narrow(0, n, n)?);
+        let loss = pairwise_ranking_loss(&chosen, &rejected).map_err(other)?;
+        let rv: Vec<f64> = rewards.to_dtype(DType::F64)?.to_vec1()?;
+        let pv: Vec<f64> = policy.to_dtype(DType::F64)?.to_vec1()?;
+        Ok(DpoOutput {
+            loss,
+            tokens: batch.tokens()?,
+            rewards: (0..n).map(|i| (rv[i], rv[n + i])).collect(),
+            logps: (0..n).map(|i| (pv[i], pv[n + i])).collect(),
+        })
+    }
+}
+
+impl Task for DpoTask<'_> {
+    fn loss(&mut self, batch: &[usize], eval: bool) -> Result<(Tensor, u64)> {
+        let set = if eval { &self.eval } else { &self.train };
+        let rows: Vec<&Example> = batch.iter().map(|&i| &set[i]).collect();
+        let out = self.dpo.pairs(&rows)?;
+        if eval {
+            let s = &mut self.sums;
+            for (&(c, r), &(lc, lr)) in out.rewards.iter().zip(&out.logps) {
+                s.pairs += 1;
+                s.correct += usize::from(c > r);
+                s.chosen += c;
+                s.rejected += r;
+                s.logps_chosen += lc;
+                s.logps_rejected += lr;
+            }
+        }
+        Ok((out.loss, out.tokens))
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        self.dpo
+            .lora
+            .save_peft(&self.adapter, dir, &self.base_name)
+            .map_err(other)
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<()> {
+        self.dpo
+            .lora
+            .load_weights_into(&self.adapter, dir)
+            .map_err(other)
+    }
+
+    /// Dropout stays off in both modes (TRL disables it for DPO).
+    fn set_training(&mut self, _training: bool) {
+        self.dpo.lora.set_training(false);
+    }
+
+    fn eval_begin(&mut self) {
+        self.sums = EvalSums::default();
+    }
+
+    fn eval_metrics(&mut self) -> Vec<(String, f64)> {
+        let s = self.sums;
+        if s.pairs == 0 {
+            return Vec::new();
+        }
+        let n = s.pairs as f64;
+        vec![
+            ("rewards/chosen".into(), s.chosen / n),
+            ("rewards/rejected".into(), s.rejected / n),
+            ("rewards/accuracies".into(), s.correct as f64 / n),
+            ("rewards/margins".into(), (s.chosen - s.rejected) / n),
+            ("logps/chosen".into(), s.logps_chosen / n),
+            ("logps/rejected".into(), s.logps_rejected / n),
+        ]
+    }
+}
+
+/// `llmtune train --stage dpo --do_train ...`.
+pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
+    super::check_finetuning(args)?;
+    let out = super::output_dir(args, true)?;
+    let (mut p, base_name) = super::load_model(args, device)?;
+    let template = super::template_name(args, &p);
+    let mut ck = llmtune_adapters::apply_checkpoints(
+        &mut p.model,
+        &args.checkpoint_dirs(),
+        args.resume_lora_training,
+        true,
+    )
+    .map_err(other)?;
+    super::quantize_base(args, &mut p.model)?;
+    let adapter = super::trainable_lora(args, &mut p.model, &mut ck)?;
+    ck.lora.set_training(false);
+    let vars = ck.lora.trainable();
+    let n_lora: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "model {base_name} ({} layers), template {template}, LoRA r={} alpha={} on {}: {n_lora} trainable parameters; DPO beta {}, reference = the model without the trained adapter",
+        p.model.num_layers(),
+        args.lora_rank,
+        args.lora_alpha,
+        super::lora_target(args, &p.model),
+        args.dpo_beta
+    );
+    let prepared = super::prepare(args, &p.tokenizer, template, Stage::Rm, false)?;
+    eprintln!(
+        "data: {} pairs ({} prompts truncated, {} answers cut, {} dropped as over length)",
+        prepared.examples.len(),
+        prepared.stats.source_truncated,
+        prepared.stats.target_truncated,
+        prepared.stats.dropped_over_length
+    );
+    let (train_set, eval_set) =
+        split_dev(prepared.examples, args.dev_ratio, args.seed).map_err(other)?;
+    let lens: Vec<usize> = train_set.iter().map(|e| e.max_len()).collect();
+    let tcfg = super::trainer_config(args, &out)?;
+    let (nt, ne) = (train_set.len(), eval_set.len());
+    let pad_id = p.tokenizer.pad_id().or(p.tokenizer.eos_id()).unwrap_or(0);
+    let mut task = DpoTask {
+        dpo: Dpo {
+            model: &p.model,
+            lora: &ck.lora,
+            beta: args.dpo_beta,
+            pad_id,
+        },
+        adapter,
+        base_name,
+        train: train_set,
+        eval: eval_set,
+        sums: EvalSums::default(),
+    };
+    if args.estimate_memory {
+        let e = crate::memory::estimate(&tcfg, vars, &mut task, &lens)?;
+        println!("{}", e.report());
+        return Ok(());
+    }
+    if crate::dist::is_main() {
+        super::save_args(args, &out)?;
+    }
+    let o = train(&tcfg, vars, &mut task, nt, ne)?;
+    eprintln!(
+        "done: {} steps in {:.1}s, train_loss {:.4}{}{}",
+        o.global_step,
+        o.runtime_secs,
+        o.train_loss,
+        o.eval_loss
+            .map(|e| format!(", eval_loss {e:.4}"))
+            .unwrap_or_default(),
+        o.eval_metrics
+            .get("eval_rewards/accuracies")
+            .map(|a| format!(", eval_rewards/accuracies {a:.4}"))
+            .unwrap_or_default()
+    );
+    if args.plot_loss && crate::dist::is_main() {
+        crate::plot::plot_loss(&out, &["loss", "eval_loss", "eval_rewards/accuracies"])?;
+    }
+    eprintln!("adapter saved to {}", out.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_logps_sums_each_answer_only() {
+        let dev = Device::Cpu;
+        let batch =
+            SeqBatch::new(&[vec![1, 2], vec![3]], &[vec![4, 5, 6], vec![7]], 0, &dev).unwrap();
+        let lp = Tensor::new(&[[-1f32, -2., -3.], [-0.5, -9., -9.]], &dev).unwrap();
+        let s: Vec<f32> = sequence_logps(&lp, &batch).unwrap().to_vec1().unwrap();
+        assert_eq!(s, vec![-6.0, -0.5]);
+    }
+}
