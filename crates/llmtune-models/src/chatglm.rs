@@ -327,8 +327,10 @@ impl RowLayout {
 }
 
 /// The number of leading zeros of each row of a 2-D padding mask (`1` = token), checking
-/// that the padding is on the left only.
-fn left_padding(mask: &Tensor, b: usize, total: usize) -> Result<Vec<usize>> {
+/// that the padding is on the left only, or, with `trailing_ok`, also after the row's last
+/// token (a full pass without a cache: causal attention never reaches those positions from a
+/// real token, so they change no real token's output).
+fn left_padding(mask: &Tensor, b: usize, total: usize, trailing_ok: bool) -> Result<Vec<usize>> {
     if mask.dims() != [b, total] {
         return Err(ModelError::Input(format!(
             "attention_mask must be [{b}, {total}] (cached + new tokens), got {:?}",
@@ -339,10 +341,20 @@ fn left_padding(mask: &Tensor, b: usize, total: usize) -> Result<Vec<usize>> {
     let mut pads = Vec::with_capacity(b);
     for (i, r) in rows.iter().enumerate() {
         let pad = r.iter().take_while(|&&x| x == 0).count();
-        if r[pad..].contains(&0) {
+        let end = if trailing_ok {
+            r.len() - r.iter().rev().take_while(|&&x| x == 0).count()
+        } else {
+            r.len()
+        };
+        if r[pad..end.max(pad)].contains(&0) {
             return Err(ModelError::Input(format!(
                 "attention_mask row {i} has padding after its first token: ChatGLM batches \
-                 must be left-padded"
+                 must be left-padded{}",
+                if trailing_ok {
+                    " (or padded after the last token, without a KV cache)"
+                } else {
+                    ""
+                }
             )));
         }
         pads.push(pad);
@@ -700,8 +712,9 @@ impl ChatGlm {
     }
 
     /// The layout of each row of `ids` (whole rows): with `padding` (a 2-D mask, `1` =
-    /// token, left padding only) the padding is skipped as the training collator does;
-    /// without it every token counts, as the original model does on its own.
+    /// token; left padding, and padding after a row's last token, which no real token
+    /// attends) the padding is skipped as the training collator does; without it every token
+    /// counts, as the original model does on its own.
     pub fn row_layouts(
         &self,
         ids: &[Vec<u32>],
@@ -710,7 +723,7 @@ impl ChatGlm {
         let b = ids.len();
         let t = ids.first().map(|r| r.len()).unwrap_or(0);
         let pads = match padding {
-            Some(m) => left_padding(m, b, t)?,
+            Some(m) => left_padding(m, b, t, true)?,
             None => vec![0; b],
         };
         ids.iter()
@@ -894,6 +907,10 @@ impl ChatGlm {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if past == 0 {
+            if let (Some(m), Some(_)) = (padding, cache.as_ref()) {
+                // Tokens decoded after a right-padded prompt would attend its padding.
+                left_padding(m, b, t, false)?;
+            }
             let layouts = self.row_layouts(&ids_rows(input_ids)?, padding)?;
             if let Some(c) = cache {
                 c.rows = layouts
@@ -912,7 +929,7 @@ impl ChatGlm {
             )));
         }
         if let Some(m) = padding {
-            left_padding(m, b, past + t)?;
+            left_padding(m, b, past + t, false)?;
         }
         let layouts: Vec<RowLayout> = c
             .rows

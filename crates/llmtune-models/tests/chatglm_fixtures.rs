@@ -232,9 +232,65 @@ fn chatglm1_rows_without_sop_or_mask_are_refused() {
         &Device::Cpu,
     )
     .unwrap();
-    let right_padded = Tensor::new(&[[1u32, 0, 1]], &Device::Cpu).unwrap();
+    let holed = Tensor::new(&[[1u32, 0, 1]], &Device::Cpu).unwrap();
     let e = model
-        .forward(&ids, Some(&right_padded), None)
+        .forward(&ids, Some(&holed), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be left-padded"), "{e}");
+}
+
+/// Padding after a row's last token (DPO's and PPO's rows of unequal answers) changes no real
+/// token's logits in a full pass; with a KV cache (decoding would attend it) it is refused.
+#[test]
+fn chatglm1_trailing_padding_leaves_the_real_tokens_alone() {
+    let Some((dir, _)) = fixture("chatglm1") else {
+        return;
+    };
+    let model = glm1(&dir, FORMATS[1]);
+    let cfg = &model.cfg;
+    let (g, sop, pad) = (cfg.gmask_token_id, cfg.bos_token_id, cfg.pad_token_id);
+    let dev = Device::Cpu;
+    let short = [5u32, 6, g, sop, 9];
+    let long = [7u32, g, sop, 11, 12, 13, 14];
+    // Row 0: 2 pads on the left and 1 after its last token; row 1: 1 pad on the left.
+    let layout = [(&short[..], 2usize, 1usize), (&long[..], 1, 0)];
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for (row, left, right) in layout {
+        ids.extend(std::iter::repeat_n(pad, left));
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(pad, right));
+        mask.extend(std::iter::repeat_n(0u32, left));
+        mask.extend(std::iter::repeat_n(1u32, row.len()));
+        mask.extend(std::iter::repeat_n(0u32, right));
+    }
+    let ids = Tensor::from_vec(ids, (2, 8), &dev).unwrap();
+    let mask = Tensor::from_vec(mask, (2, 8), &dev).unwrap();
+    let (batched, _) = model.forward(&ids, Some(&mask), None).unwrap();
+    let alone = |row: &[u32]| -> Vec<Vec<f32>> {
+        let t = Tensor::new(row, &dev).unwrap().unsqueeze(0).unwrap();
+        let (l, _) = model.forward(&t, None, None).unwrap();
+        l.squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let b: Vec<Vec<Vec<f32>>> = batched.to_dtype(DType::F32).unwrap().to_vec3().unwrap();
+    let mut worst = 0f32;
+    for (r, (row, start, _)) in layout.into_iter().enumerate() {
+        for (j, want) in alone(row).iter().enumerate() {
+            for (x, y) in b[r][start + j].iter().zip(want) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    eprintln!("chatglm1 trailing padding: max |diff| {worst:.3e}");
+    assert!(worst <= TOL, "{worst}");
+    let mut cache = model.new_cache();
+    let e = model
+        .forward(&ids, Some(&mask), Some(&mut cache))
         .unwrap_err()
         .to_string();
     assert!(e.contains("must be left-padded"), "{e}");
