@@ -247,6 +247,38 @@ fn walkthrough(fx: &Path, shared: &Path, arch: &str) {
     assert_eq!(log.len(), 1, "{log:?}");
     assert!(log[0]["reward"].as_f64().unwrap().is_finite(), "{log:?}");
 
+    // 3b. DPO on the same preference pairs, on top of the SFT adapter: a fresh adapter is
+    // the reference, so the first step's loss is log 2.
+    let dpo = dir("dpo");
+    run_ok(&with(&[
+        "train",
+        "--stage",
+        "dpo",
+        "--do_train",
+        "--dataset",
+        "example_rm",
+        "--resume_lora_training",
+        "false",
+        "--checkpoint_dir",
+        &sft,
+        "--output_dir",
+        &dpo,
+        "--per_device_train_batch_size",
+        "2",
+        "--max_target_length",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "2",
+    ]));
+    let dpo_p = Path::new(&dpo);
+    tensors(&dpo_p.join("adapter_model.safetensors"));
+    let log = jsonl(&dpo_p.join("trainer_log.jsonl"));
+    assert_eq!(log.len(), 2, "{log:?}");
+    let first = log[0]["loss"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-4, "DPO {log:?}");
+
     // 4. Predict with both adapters merged, greedy.
     let both = format!("{sft},{ppo}");
     run_ok(&with(&[

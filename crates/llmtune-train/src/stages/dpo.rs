@@ -10,8 +10,9 @@
 //! 4. Encode the preference pairs (the rm stage's data: `output` = `[chosen, rejected]`) and
 //!    hold out `--dev_ratio`.
 //! 5. Train with the shared loop. A micro-batch of n pairs is 2n rows (the n chosen, then
-//!    the n rejected): each prompt left-padded, each answer (with its eos) right-padded. A
-//!    row's log-probability `log p(answer | prompt)` is the sum over its answer tokens; with
+//!    the n rejected), each `prompt ++ answer ++ eos` left-padded as a whole (as TRL's
+//!    collator does for a left-padding tokenizer; ChatGLM needs it). A row's
+//!    log-probability `log p(answer | prompt)` is the sum over its answer tokens; with
 //!    `pi` the policy's and `ref` the reference's, the rewards are
 //!    `beta (pi - ref)` per row and the loss is the mean over pairs of
 //!    `-log sigmoid(reward_chosen - reward_rejected)`. Dropout is off (TRL's
@@ -32,7 +33,6 @@ use llmtune_models::CausalLm;
 
 use crate::args::TrainArgs;
 use crate::error::{other, Error, Result};
-use crate::ppo::{policy_forward, SeqBatch};
 use crate::trainer::{train, Task};
 
 /// Sums over the evaluation pass (per pair).
@@ -79,25 +79,78 @@ struct DpoTask<'a> {
     sums: EvalSums,
 }
 
-/// `[rows]`: the sum of each row's answer-token log-probabilities (`logprobs` `[rows, r]`,
-/// the columns past each answer's length ignored).
-fn sequence_logps(logprobs: &Tensor, batch: &SeqBatch) -> Result<Tensor> {
-    let r = batch.r_width;
-    let mask: Vec<f32> = batch
-        .response_lens
-        .iter()
-        .flat_map(|&l| (0..r).map(move |j| if j < l { 1.0 } else { 0.0 }))
-        .collect();
-    let mask =
-        Tensor::from_vec(mask, (batch.rows(), r), logprobs.device())?.to_dtype(logprobs.dtype())?;
-    Ok((logprobs * mask)?.sum(1)?)
+/// The 2n rows of a micro-batch of n pairs (the chosen answers, then the rejected ones),
+/// each `prompt ++ answer` left-padded as a whole (ChatGLM accepts no padding after the first
+/// token; positions follow the mask, so padding does not shift a row). Every answer then ends
+/// at the last column: the logits of the last `width + 1` columns but one score all of them.
+struct PairBatch {
+    /// `[2n, T]` (u32).
+    input_ids: Tensor,
+    /// `[2n, T]` (u32), 1 = real token.
+    attention_mask: Tensor,
+    /// The longest answer.
+    width: usize,
+    /// `[2n, width]` (u32): each row's answer right-aligned, 0 before it.
+    targets: Tensor,
+    /// `[2n, width]` (f32): 1 on the answer tokens.
+    answer_mask: Tensor,
+    tokens: u64,
+}
+
+impl PairBatch {
+    fn new(rows: &[(&[u32], usize)], pad_id: u32, device: &Device) -> Result<Self> {
+        let t = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let width = rows.iter().map(|(ids, p)| ids.len() - p).max().unwrap_or(0);
+        if let Some(i) = rows.iter().position(|(ids, p)| *p == 0 || *p >= ids.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "DPO row {i}: the prompt or the answer is empty"
+            )));
+        }
+        let b = rows.len();
+        let (mut ids, mut mask) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        let (mut targets, mut amask) =
+            (Vec::with_capacity(b * width), Vec::with_capacity(b * width));
+        for (row, prompt_len) in rows {
+            let pad = t - row.len();
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            ids.extend_from_slice(row);
+            mask.extend(std::iter::repeat_n(0u32, pad));
+            mask.extend(std::iter::repeat_n(1u32, row.len()));
+            let answer = &row[*prompt_len..];
+            targets.extend(std::iter::repeat_n(0u32, width - answer.len()));
+            targets.extend_from_slice(answer);
+            amask.extend(std::iter::repeat_n(0f32, width - answer.len()));
+            amask.extend(std::iter::repeat_n(1f32, answer.len()));
+        }
+        let tokens = mask.iter().map(|&m| m as u64).sum();
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b, t), device)?,
+            attention_mask: Tensor::from_vec(mask, (b, t), device)?,
+            width,
+            targets: Tensor::from_vec(targets, (b, width), device)?,
+            answer_mask: Tensor::from_vec(amask, (b, width), device)?,
+            tokens,
+        })
+    }
+
+    /// `[2n]`: each row's `log p(answer | prompt)` under `model` as it is switched now.
+    fn answer_logps(&self, model: &CausalLm) -> Result<Tensor> {
+        let (hidden, _) = model
+            .forward_with_value(&self.input_ids, Some(&self.attention_mask))
+            .map_err(other)?;
+        let t = hidden.dim(1)?;
+        let slice = hidden.narrow(1, t - self.width - 1, self.width)?;
+        let logits = model.logits(&slice).map_err(other)?;
+        let lp = llmtune_ops::gather_logprobs(&logits, &self.targets)?;
+        let mask = self.answer_mask.to_dtype(lp.dtype())?;
+        Ok((lp * mask)?.sum(1)?)
+    }
 }
 
 impl Dpo<'_> {
     /// The 2n rows of `pairs` (the chosen answers, then the rejected ones).
-    fn batch(&self, pairs: &[&Example]) -> Result<SeqBatch> {
-        let mut queries = Vec::with_capacity(2 * pairs.len());
-        let mut answers = Vec::with_capacity(2 * pairs.len());
+    fn batch(&self, pairs: &[&Example]) -> Result<PairBatch> {
+        let mut rows = Vec::with_capacity(2 * pairs.len());
         for pick_chosen in [true, false] {
             for (i, e) in pairs.iter().enumerate() {
                 let Example::Pair(p) = e else {
@@ -111,11 +164,10 @@ impl Dpo<'_> {
                 } else {
                     &p.rejected_ids
                 };
-                queries.push(ids[..p.prompt_len].to_vec());
-                answers.push(ids[p.prompt_len..].to_vec());
+                rows.push((ids.as_slice(), p.prompt_len));
             }
         }
-        SeqBatch::new(&queries, &answers, self.pad_id, self.model.device())
+        PairBatch::new(&rows, self.pad_id, self.model.device())
     }
 
     /// The loss, rewards and log-probabilities of `pairs` (all [`Example::Pair`]), as one
@@ -125,13 +177,13 @@ impl Dpo<'_> {
         let batch = self.batch(pairs)?;
         let reference: Vec<f64> = {
             let _off = self.lora.disabled();
-            let lp = policy_forward(self.model, None, &batch)?.logprobs.detach();
-            sequence_logps(&lp, &batch)?
+            batch
+                .answer_logps(self.model)?
+                .detach()
                 .to_dtype(DType::F64)?
                 .to_vec1()?
         };
-        let policy = sequence_logps(&policy_forward(self.model, None, &batch)?.logprobs, &batch)?
-            .to_dtype(DType::F32)?;
+        let policy = batch.answer_logps(self.model)?.to_dtype(DType::F32)?;
         let reference_t = Tensor::from_vec(
             reference.iter().map(|&v| v as f32).collect::<Vec<_>>(),
             2 * n,
@@ -144,7 +196,7 @@ impl Dpo<'_> {
         let pv: Vec<f64> = policy.to_dtype(DType::F64)?.to_vec1()?;
         Ok(DpoOutput {
             loss,
-            tokens: batch.tokens()?,
+            tokens: batch.tokens,
             rewards: (0..n).map(|i| (rv[i], rv[n + i])).collect(),
             logps: (0..n).map(|i| (pv[i], pv[n + i])).collect(),
         })
@@ -297,12 +349,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequence_logps_sums_each_answer_only() {
+    fn pair_rows_are_left_padded_with_answers_right_aligned() {
         let dev = Device::Cpu;
-        let batch =
-            SeqBatch::new(&[vec![1, 2], vec![3]], &[vec![4, 5, 6], vec![7]], 0, &dev).unwrap();
-        let lp = Tensor::new(&[[-1f32, -2., -3.], [-0.5, -9., -9.]], &dev).unwrap();
-        let s: Vec<f32> = sequence_logps(&lp, &batch).unwrap().to_vec1().unwrap();
-        assert_eq!(s, vec![-6.0, -0.5]);
+        let a = [1u32, 2, 3, 4, 5];
+        let b = [6u32, 7, 8];
+        let batch = PairBatch::new(&[(&a, 2), (&b, 2)], 0, &dev).unwrap();
+        let ids: Vec<Vec<u32>> = batch.input_ids.to_vec2().unwrap();
+        assert_eq!(ids, vec![vec![1, 2, 3, 4, 5], vec![0, 0, 6, 7, 8]]);
+        let mask: Vec<Vec<u32>> = batch.attention_mask.to_vec2().unwrap();
+        assert_eq!(mask, vec![vec![1, 1, 1, 1, 1], vec![0, 0, 1, 1, 1]]);
+        assert_eq!(batch.width, 3);
+        let t: Vec<Vec<u32>> = batch.targets.to_vec2().unwrap();
+        assert_eq!(t, vec![vec![3, 4, 5], vec![0, 0, 8]]);
+        let m: Vec<Vec<f32>> = batch.answer_mask.to_vec2().unwrap();
+        assert_eq!(m, vec![vec![1., 1., 1.], vec![0., 0., 1.]]);
+        assert_eq!(batch.tokens, 8);
+        let err = PairBatch::new(&[(&a, 5)], 0, &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("the prompt or the answer is empty"), "{err}");
     }
 }
