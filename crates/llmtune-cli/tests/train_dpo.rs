@@ -95,6 +95,32 @@ fn dpo_starts_at_log_2_lowers_the_loss_and_saves_the_adapter() {
 }
 
 #[test]
+fn continuing_an_adapter_takes_its_start_as_the_reference() {
+    let Some(fx) = fixtures() else { return };
+    let model = fx.join("llama");
+    let out = tmp("dpo-continue");
+    let mut args = dpo_args(&model, &out);
+    set_flag(&mut args, "--max_steps", "2");
+    set_flag(&mut args, "--eval_steps", "2");
+    // The fixture's adapter sets its own rank; it is continued, not merged.
+    set_flag(
+        &mut args,
+        "--checkpoint_dir",
+        model.join("lora").to_str().unwrap(),
+    );
+    set_flag(&mut args, "--resume_lora_training", "true");
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("(a frozen copy)"), "{err}");
+    let losses = step_losses(&out);
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-4,
+        "{losses:?}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
 fn dpo_flag_errors_name_the_flag() {
     let Some(fx) = fixtures() else { return };
     let model = fx.join("llama");

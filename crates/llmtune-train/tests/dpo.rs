@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use llmtune_adapters::{apply_checkpoints, LoraConfig};
 use llmtune_data::{DataArgs, Example, Stage};
 use llmtune_models::{load_pretrained, CausalLm, Pretrained};
-use llmtune_train::stages::dpo::Dpo;
+use llmtune_train::stages::dpo::{Dpo, REF_ADAPTER};
 
 const BETA: f64 = 0.1;
 
@@ -90,6 +90,7 @@ fn batched_dpo_loss_equals_the_objective_written_out() {
     let dpo = Dpo {
         model: &p.model,
         lora: &ck.lora,
+        reference: None,
         beta: BETA,
         pad_id: pad_id(&p),
     };
@@ -190,6 +191,7 @@ fn a_fresh_adapter_starts_at_log_2() {
     let dpo = Dpo {
         model: &p.model,
         lora: &ck.lora,
+        reference: None,
         beta: BETA,
         pad_id: pad_id(&p),
     };
@@ -205,4 +207,47 @@ fn a_fresh_adapter_starts_at_log_2() {
     for (c, r) in &out.rewards {
         assert!(c.abs() < 1e-6 && r.abs() < 1e-6, "rewards {c} {r}");
     }
+}
+
+#[test]
+fn a_continued_adapter_is_its_own_reference() {
+    // `--resume_lora_training true`: the reference is a frozen copy of the adapter as loaded,
+    // so training starts at log 2 however far the adapter is from the base.
+    let Some(fx) = fixtures() else { return };
+    let model_dir = fx.join("llama");
+    let mut p = load_pretrained(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let lora_dir: &Path = &model_dir.join("lora");
+    let mut ck = apply_checkpoints(&mut p.model, &[lora_dir], true, true).unwrap();
+    let policy = ck.lora.active().expect("the resumed adapter is active");
+    ck.lora
+        .load_peft(&mut p.model, lora_dir, REF_ADAPTER, false)
+        .unwrap();
+    ck.lora.set_active(&policy).unwrap();
+    ck.lora.set_training(false);
+    let examples = pairs(&p, 3);
+    let rows: Vec<&Example> = examples.iter().collect();
+    let dpo = |reference| Dpo {
+        model: &p.model,
+        lora: &ck.lora,
+        reference,
+        beta: BETA,
+        pad_id: pad_id(&p),
+    };
+    let own = dpo(Some(REF_ADAPTER)).pairs(&rows).unwrap();
+    let loss = own
+        .loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
+    // Against the bare base the same policy is not at log 2.
+    let base = dpo(None).pairs(&rows).unwrap();
+    let loss = base
+        .loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!((loss - std::f64::consts::LN_2).abs() > 1e-4, "{loss}");
 }

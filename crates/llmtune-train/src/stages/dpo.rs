@@ -5,8 +5,10 @@
 //! 1. Load the base model and tokenizer.
 //! 2. Apply the `--checkpoint_dir` adapters (the SFT adapter, merged with
 //!    `--resume_lora_training false`, or continued) and add (or resume) the trainable LoRA.
-//! 3. The reference model is the same backbone with every adapter disabled: the model the run
-//!    starts from, at no extra weight cost.
+//! 3. The reference model is the model the run starts from, at no extra weight cost: the same
+//!    backbone with every adapter disabled, or, when the trainable adapter continues a
+//!    `--checkpoint_dir` one (`--resume_lora_training true`), with a frozen copy of that
+//!    adapter as it was loaded swapped in (TRL's `ref` adapter).
 //! 4. Encode the preference pairs (the rm stage's data: `output` = `[chosen, rejected]`) and
 //!    hold out `--dev_ratio`.
 //! 5. Train with the shared loop. A micro-batch of n pairs is 2n rows (the n chosen, then
@@ -60,11 +62,16 @@ pub struct DpoOutput {
     pub logps: Vec<(f64, f64)>,
 }
 
-/// The DPO objective on a model whose active adapters make the policy; the same model with
-/// every adapter of `lora` disabled is the reference.
+/// The name of the frozen copy of a resumed adapter that serves as the reference.
+pub const REF_ADAPTER: &str = "ref";
+
+/// The DPO objective on a model whose active adapter makes the policy.
 pub struct Dpo<'a> {
     pub model: &'a CausalLm,
     pub lora: &'a Lora,
+    /// The reference: this adapter of `lora` active instead of the policy's, or (`None`) every
+    /// adapter disabled.
+    pub reference: Option<&'a str>,
     pub beta: f64,
     /// Fills the padding (masked out).
     pub pad_id: u32,
@@ -176,7 +183,10 @@ impl Dpo<'_> {
         let n = pairs.len();
         let batch = self.batch(pairs)?;
         let reference: Vec<f64> = {
-            let _off = self.lora.disabled();
+            let _switch = match self.reference {
+                Some(name) => self.lora.activated(name).map_err(other)?,
+                None => self.lora.disabled(),
+            };
             batch
                 .answer_logps(self.model)?
                 .detach()
@@ -277,16 +287,33 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     .map_err(other)?;
     super::quantize_base(args, &mut p.model)?;
     let adapter = super::trainable_lora(args, &mut p.model, &mut ck)?;
+    // A continued adapter: its starting point (a frozen copy) is the reference.
+    let reference = match ck.resumed.clone() {
+        Some(dir) => {
+            ck.lora
+                .load_peft(&mut p.model, &dir, REF_ADAPTER, false)
+                .map_err(|e| other(format!("--checkpoint_dir {}: {e}", dir.display())))?;
+            ck.lora.set_active(&adapter).map_err(other)?;
+            Some(format!(
+                "the model with {}'s adapter as loaded (a frozen copy)",
+                dir.display()
+            ))
+        }
+        None => None,
+    };
     ck.lora.set_training(false);
     let vars = ck.lora.trainable();
     let n_lora: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
-        "model {base_name} ({} layers), template {template}, LoRA r={} alpha={} on {}: {n_lora} trainable parameters; DPO beta {}, reference = the model without the trained adapter",
+        "model {base_name} ({} layers), template {template}, LoRA r={} alpha={} on {}: {n_lora} trainable parameters; DPO beta {}, reference = {}",
         p.model.num_layers(),
         args.lora_rank,
         args.lora_alpha,
         super::lora_target(args, &p.model),
-        args.dpo_beta
+        args.dpo_beta,
+        reference
+            .as_deref()
+            .unwrap_or("the model without the trained adapter")
     );
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Rm, false)?;
     eprintln!(
@@ -306,6 +333,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         dpo: Dpo {
             model: &p.model,
             lora: &ck.lora,
+            reference: reference.as_ref().map(|_| REF_ADAPTER),
             beta: args.dpo_beta,
             pad_id,
         },
