@@ -210,3 +210,56 @@ fn data_inspect_counts_the_example_data() {
     assert!(out.contains(&format!("{n} kept")), "{out}");
     assert!(out.contains("⟦"), "label mask shown: {out}");
 }
+
+#[test]
+fn data_inspect_dumps_the_encoded_pairs() {
+    // `--dump_jsonl`: every pair as TRL's prompt/chosen/rejected ids; the answers end with the
+    // template's eos, and prompt + answer is what training sees.
+    let Some(fx) = fixtures() else { return };
+    let data = example_data();
+    let dump = tmp("pairs").with_extension("jsonl");
+    let (code, out, err) = run(bin().args([
+        "data",
+        "inspect",
+        "--stage",
+        "dpo",
+        "--dataset",
+        "example_rm",
+        "--dataset_dir",
+        data.to_str().unwrap(),
+        "--model_name_or_path",
+        fx.join("llama").to_str().unwrap(),
+        "--template",
+        "chatml",
+        "--max_samples",
+        "5",
+        "--overwrite_cache",
+        "--dump_jsonl",
+        dump.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("5 encoded examples written to"), "{out}");
+    let lines = common::jsonl(&dump);
+    assert_eq!(lines.len(), 5);
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let mut eos = None;
+    for l in &lines {
+        let (p, c, r) = (
+            ids(&l["prompt_ids"]),
+            ids(&l["chosen_ids"]),
+            ids(&l["rejected_ids"]),
+        );
+        assert!(!p.is_empty() && !c.is_empty() && !r.is_empty(), "{l}");
+        assert_ne!(c, r, "{l}");
+        // Both answers end with the same eos token.
+        assert_eq!(c.last(), r.last(), "{l}");
+        assert_eq!(*eos.get_or_insert(*c.last().unwrap()), *c.last().unwrap());
+    }
+    std::fs::remove_file(&dump).unwrap();
+}

@@ -21,11 +21,12 @@ impl Stage {
     pub fn parse(s: &str) -> Result<Stage> {
         match s {
             "sft" => Ok(Stage::Sft),
-            "rm" => Ok(Stage::Rm),
+            // DPO trains on the reward model's preference pairs.
+            "rm" | "dpo" => Ok(Stage::Rm),
             "ppo" => Ok(Stage::Ppo),
             other => Err(DataError::BadArg {
                 arg: "stage",
-                msg: format!("`{other}` is not one of sft, rm, ppo"),
+                msg: format!("`{other}` is not one of sft, rm, dpo, ppo"),
             }),
         }
     }

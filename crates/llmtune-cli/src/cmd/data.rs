@@ -38,7 +38,7 @@ pub struct InspectArgs {
     /// Model whose tokenizer encodes the data (default: smollm2-135m).
     #[arg(long)]
     pub model_name_or_path: Option<String>,
-    /// Stage: sft, rm or ppo.
+    /// Stage: sft, rm (dpo: the same pairs) or ppo.
     #[arg(long, default_value = "sft")]
     pub stage: String,
     /// Encode as for prediction (prompt only).
@@ -57,6 +57,12 @@ pub struct InspectArgs {
     /// Rebuild the encoded-data cache.
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub overwrite_cache: bool,
+    /// Also write every encoded example to this JSON-lines file, one line each, with the
+    /// field names TRL uses: `input_ids` + `labels` (sft training), `input_ids` +
+    /// `target_ids` (prompts: sft prediction, ppo), `prompt_ids` + `chosen_ids` +
+    /// `rejected_ids` (rm and dpo pairs, the answers with their eos).
+    #[arg(long)]
+    pub dump_jsonl: Option<PathBuf>,
 }
 
 pub fn run(c: DataCmd) -> anyhow::Result<ExitCode> {
@@ -89,5 +95,40 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let stage = Stage::parse(&a.stage)?;
     let report = llmtune_data::inspect(&args, &tok, stage, a.predict_with_generate)?;
     println!("{report}");
+    if let Some(path) = &a.dump_jsonl {
+        let prepared = llmtune_data::prepare(&args, &tok, stage, a.predict_with_generate)?;
+        let mut text = String::new();
+        for e in &prepared.examples {
+            text.push_str(&example_json(e).to_string());
+            text.push('\n');
+        }
+        llmtune_train::io::atomic_write(path, text.as_bytes())
+            .with_context(|| format!("--dump_jsonl {}", path.display()))?;
+        println!(
+            "{} encoded examples written to {}",
+            prepared.examples.len(),
+            path.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One encoded example as `--dump_jsonl` writes it.
+fn example_json(e: &llmtune_data::Example) -> serde_json::Value {
+    use llmtune_data::Example;
+    match e {
+        Example::Supervised(x) => serde_json::json!({
+            "input_ids": x.input_ids,
+            "labels": x.labels,
+        }),
+        Example::Prompt(x) => serde_json::json!({
+            "input_ids": x.input_ids,
+            "target_ids": x.target_ids,
+        }),
+        Example::Pair(x) => serde_json::json!({
+            "prompt_ids": &x.chosen_ids[..x.prompt_len],
+            "chosen_ids": &x.chosen_ids[x.prompt_len..],
+            "rejected_ids": &x.rejected_ids[x.prompt_len..],
+        }),
+    }
 }
