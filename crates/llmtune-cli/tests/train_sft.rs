@@ -472,7 +472,7 @@ fn estimate_memory_reports_the_expected_peak_and_trains_nothing() {
     let (code, _, err) = run(&ppo);
     assert_ne!(code, 0);
     assert!(
-        err.contains("--estimate_memory works with --do_train for --stage sft and rm"),
+        err.contains("--estimate_memory works with --do_train for --stage sft, rm and dpo"),
         "{err}"
     );
 }

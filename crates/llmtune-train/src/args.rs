@@ -99,7 +99,7 @@ pub struct TrainArgs {
     /// Quantize the frozen base to 4 or 8 bits for LoRA (QLoRA's memory saving): the decoder
     /// layers' linear weights become GGML Q4_1 (4) or Q8_0 (8) blocks after any
     /// --checkpoint_dir is merged; embeddings, norms and the LM head stay as loaded. CPU,
-    /// Llama-family models, --stage sft and rm (training and prediction).
+    /// Llama-family models, --stage sft, rm and dpo (training and prediction).
     #[arg(long)]
     pub quantization_bit: Option<u32>,
     /// Save loss (and reward) plots.
@@ -264,7 +264,7 @@ pub struct TrainArgs {
     pub gradient_checkpointing: bool,
     /// Print the expected peak memory of this training run and the largest
     /// --per_device_train_batch_size that fits, then exit without training: runs one optimizer
-    /// step at 1 and at 2 rows of the longest training example and extrapolates (CPU, SFT and RM).
+    /// step at 1 and at 2 rows of the longest training example and extrapolates (CPU, SFT, RM and DPO).
     #[arg(long, default_value = "false", num_args = 0..=1, default_missing_value = flag!(), value_parser = parse_bool)]
     pub estimate_memory: bool,
 

@@ -352,22 +352,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         super::save_args(args, &out)?;
     }
     let o = train(&tcfg, vars, &mut task, nt, ne)?;
-    eprintln!(
-        "done: {} steps in {:.1}s, train_loss {:.4}{}{}",
-        o.global_step,
-        o.runtime_secs,
-        o.train_loss,
-        o.eval_loss
-            .map(|e| format!(", eval_loss {e:.4}"))
-            .unwrap_or_default(),
-        o.eval_metrics
-            .get("eval_rewards/accuracies")
-            .map(|a| format!(", eval_rewards/accuracies {a:.4}"))
-            .unwrap_or_default()
-    );
-    if args.plot_loss && crate::dist::is_main() {
-        crate::plot::plot_loss(&out, &["loss", "eval_loss", "eval_rewards/accuracies"])?;
-    }
+    super::report_done(args, &out, &o, Some("eval_rewards/accuracies"))?;
     eprintln!("adapter saved to {}", out.display());
     Ok(())
 }

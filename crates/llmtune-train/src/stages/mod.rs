@@ -91,6 +91,34 @@ pub fn cpu_bf16(args: &TrainArgs, device: &Device, model: &mut CausalLm) -> Resu
     Ok(())
 }
 
+/// The end of a training run on the shared loop: the `done: ...` line (steps, time,
+/// `train_loss`, and `eval_loss` and the eval metric `metric` when the run has them) and, with
+/// `--plot_loss`, the plots of `loss`, `eval_loss` and `metric`.
+pub fn report_done(
+    args: &TrainArgs,
+    out: &Path,
+    o: &crate::trainer::TrainOutcome,
+    metric: Option<&str>,
+) -> Result<()> {
+    let mut line = format!(
+        "done: {} steps in {:.1}s, train_loss {:.4}",
+        o.global_step, o.runtime_secs, o.train_loss
+    );
+    if let Some(e) = o.eval_loss {
+        line.push_str(&format!(", eval_loss {e:.4}"));
+    }
+    if let Some((m, v)) = metric.and_then(|m| o.eval_metrics.get(m).map(|v| (m, v))) {
+        line.push_str(&format!(", {m} {v:.4}"));
+    }
+    eprintln!("{line}");
+    if args.plot_loss && crate::dist::is_main() {
+        let mut keys = vec!["loss", "eval_loss"];
+        keys.extend(metric);
+        crate::plot::plot_loss(out, &keys)?;
+    }
+    Ok(())
+}
+
 /// `--model_name_or_path`, or the embedded default with a notice.
 pub fn model_name(args: &TrainArgs) -> String {
     match &args.model_name_or_path {

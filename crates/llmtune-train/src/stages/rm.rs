@@ -409,23 +409,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     let Some(t) = train_rm(args, device)? else {
         return Ok(()); // --estimate_memory
     };
-    let o = &t.outcome;
-    eprintln!(
-        "done: {} steps in {:.1}s, train_loss {:.4}{}{}",
-        o.global_step,
-        o.runtime_secs,
-        o.train_loss,
-        o.eval_loss
-            .map(|e| format!(", eval_loss {e:.4}"))
-            .unwrap_or_default(),
-        o.eval_metrics
-            .get("eval_accuracy")
-            .map(|a| format!(", eval_accuracy {a:.4}"))
-            .unwrap_or_default()
-    );
-    if args.plot_loss && crate::dist::is_main() {
-        crate::plot::plot_loss(&t.output_dir, &["loss", "eval_loss", "eval_accuracy"])?;
-    }
+    super::report_done(args, &t.output_dir, &t.outcome, Some("eval_accuracy"))?;
     eprintln!("adapter and value head saved to {}", t.output_dir.display());
     let out = t.output_dir.clone();
     drop(t);

@@ -279,19 +279,7 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
         super::save_args(args, &out)?;
     }
     let outcome = train(&tcfg, vars, &mut task, nt, ne)?;
-    eprintln!(
-        "done: {} steps in {:.1}s, train_loss {:.4}{}",
-        outcome.global_step,
-        outcome.runtime_secs,
-        outcome.train_loss,
-        outcome
-            .eval_loss
-            .map(|e| format!(", eval_loss {e:.4}"))
-            .unwrap_or_default()
-    );
-    if args.plot_loss && crate::dist::is_main() {
-        crate::plot::plot_loss(&out, &["loss", "eval_loss"])?;
-    }
+    super::report_done(args, &out, &outcome, None)?;
     eprintln!("trained weights saved to {}", out.display());
     Ok(())
 }
