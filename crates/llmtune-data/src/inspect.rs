@@ -218,6 +218,16 @@ pub fn inspect(
     stage: Stage,
     predict_with_generate: bool,
 ) -> Result<InspectReport> {
+    Ok(inspect_examples(args, tokenizer, stage, predict_with_generate)?.0)
+}
+
+/// [`inspect`], also returning the encoded examples it reported on (prepared once).
+pub fn inspect_examples(
+    args: &DataArgs,
+    tokenizer: &Tokenizer,
+    stage: Stage,
+    predict_with_generate: bool,
+) -> Result<(InspectReport, Vec<Example>)> {
     let data = prepare(args, tokenizer, stage, predict_with_generate)?;
     let first = match data.examples.first() {
         Some(e) => render_first(tokenizer, e)?,
@@ -232,7 +242,7 @@ pub fn inspect(
     };
     let identical_pairs = identical_pairs(args, stage)?;
     let st = &data.stats;
-    Ok(InspectReport {
+    let report = InspectReport {
         stage,
         mode: data.mode,
         template: data.template.name,
@@ -250,7 +260,8 @@ pub fn inspect(
         cache: data.cache,
         first,
         identical_pairs,
-    })
+    };
+    Ok((report, data.examples))
 }
 
 impl fmt::Display for InspectReport {

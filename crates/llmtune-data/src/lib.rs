@@ -75,7 +75,7 @@ pub use encode::{
 };
 pub use error::{DataError, Result};
 pub use formats::{load_raw, DatasetSummary, RawData, RawSample, Response};
-pub use inspect::{inspect, InspectReport};
+pub use inspect::{inspect, inspect_examples, InspectReport};
 pub use registry::{Registry, Sha1Status};
 pub use split::split_dev;
 pub use template::{PromptEncoding, ResolvedTemplate, Template};

@@ -720,10 +720,21 @@ impl ChatGlm {
         ids: &[Vec<u32>],
         padding: Option<&Tensor>,
     ) -> Result<Vec<RowLayout>> {
+        self.row_layouts_with(ids, padding, true)
+    }
+
+    /// [`ChatGlm::row_layouts`]; `trailing_ok` false refuses padding after a row's last
+    /// token (a prompt going into a KV cache: later tokens would attend it).
+    fn row_layouts_with(
+        &self,
+        ids: &[Vec<u32>],
+        padding: Option<&Tensor>,
+        trailing_ok: bool,
+    ) -> Result<Vec<RowLayout>> {
         let b = ids.len();
         let t = ids.first().map(|r| r.len()).unwrap_or(0);
         let pads = match padding {
-            Some(m) => left_padding(m, b, t, true)?,
+            Some(m) => left_padding(m, b, t, trailing_ok)?,
             None => vec![0; b],
         };
         ids.iter()
@@ -907,11 +918,8 @@ impl ChatGlm {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if past == 0 {
-            if let (Some(m), Some(_)) = (padding, cache.as_ref()) {
-                // Tokens decoded after a right-padded prompt would attend its padding.
-                left_padding(m, b, t, false)?;
-            }
-            let layouts = self.row_layouts(&ids_rows(input_ids)?, padding)?;
+            // Tokens decoded after a right-padded prompt would attend its padding.
+            let layouts = self.row_layouts_with(&ids_rows(input_ids)?, padding, cache.is_none())?;
             if let Some(c) = cache {
                 c.rows = layouts
                     .iter()

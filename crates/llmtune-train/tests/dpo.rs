@@ -23,6 +23,13 @@ fn fixtures() -> Option<PathBuf> {
     }
 }
 
+/// The fixture Llama (f32, CPU) and its PEFT adapter's folder.
+fn fixture_llama() -> Option<(Pretrained, PathBuf)> {
+    let model_dir = fixtures()?.join("llama");
+    let p = load_pretrained(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    Some((p, model_dir.join("lora")))
+}
+
 /// The project's example preference pairs, encoded for `p` with the chatml template (no
 /// cache).
 fn pairs(p: &Pretrained, n: usize) -> Vec<Example> {
@@ -79,11 +86,11 @@ fn pad_id(p: &Pretrained) -> u32 {
 
 #[test]
 fn batched_dpo_loss_equals_the_objective_written_out() {
-    let Some(fx) = fixtures() else { return };
-    let model_dir = fx.join("llama");
-    let mut p = load_pretrained(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let Some((mut p, lora_dir)) = fixture_llama() else {
+        return;
+    };
     // The fixture's adapter, resumed as the trainable one: the policy.
-    let lora_dir: &Path = &model_dir.join("lora");
+    let lora_dir: &Path = &lora_dir;
     let ck = apply_checkpoints(&mut p.model, &[lora_dir], true, true).unwrap();
     ck.lora.set_training(false);
     let examples = pairs(&p, 3);
@@ -181,9 +188,9 @@ fn batched_dpo_loss_equals_the_objective_written_out() {
 
 #[test]
 fn a_fresh_adapter_starts_at_log_2() {
-    let Some(fx) = fixtures() else { return };
-    let model_dir = fx.join("llama");
-    let mut p = load_pretrained(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let Some((mut p, _)) = fixture_llama() else {
+        return;
+    };
     let mut ck = apply_checkpoints::<_, &str>(&mut p.model, &[], true, true).unwrap();
     let cfg = LoraConfig::new(4, 8.0, 0.0, "q_proj,v_proj").unwrap();
     ck.ensure_trainable(&mut p.model, &cfg, 7).unwrap();
@@ -213,10 +220,10 @@ fn a_fresh_adapter_starts_at_log_2() {
 fn a_continued_adapter_is_its_own_reference() {
     // `--resume_lora_training true`: the reference is a frozen copy of the adapter as loaded,
     // so training starts at log 2 however far the adapter is from the base.
-    let Some(fx) = fixtures() else { return };
-    let model_dir = fx.join("llama");
-    let mut p = load_pretrained(model_dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let lora_dir: &Path = &model_dir.join("lora");
+    let Some((mut p, lora_dir)) = fixture_llama() else {
+        return;
+    };
+    let lora_dir: &Path = &lora_dir;
     let mut ck = apply_checkpoints(&mut p.model, &[lora_dir], true, true).unwrap();
     let policy = ck.lora.active().expect("the resumed adapter is active");
     ck.lora

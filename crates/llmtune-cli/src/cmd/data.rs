@@ -93,12 +93,12 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let stage = Stage::parse(&a.stage)?;
-    let report = llmtune_data::inspect(&args, &tok, stage, a.predict_with_generate)?;
+    let (report, examples) =
+        llmtune_data::inspect_examples(&args, &tok, stage, a.predict_with_generate)?;
     println!("{report}");
     if let Some(path) = &a.dump_jsonl {
-        let prepared = llmtune_data::prepare(&args, &tok, stage, a.predict_with_generate)?;
         let mut text = String::new();
-        for e in &prepared.examples {
+        for e in &examples {
             text.push_str(&example_json(e).to_string());
             text.push('\n');
         }
@@ -106,7 +106,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("--dump_jsonl {}", path.display()))?;
         println!(
             "{} encoded examples written to {}",
-            prepared.examples.len(),
+            examples.len(),
             path.display()
         );
     }

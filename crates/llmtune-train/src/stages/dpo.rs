@@ -30,7 +30,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use llmtune_adapters::{pairwise_ranking_loss, Lora};
-use llmtune_data::{split_dev, Example, Stage};
+use llmtune_data::{Example, Stage};
 use llmtune_models::CausalLm;
 
 use crate::args::TrainArgs;
@@ -182,7 +182,7 @@ impl Dpo<'_> {
     pub fn pairs(&self, pairs: &[&Example]) -> Result<DpoOutput> {
         let n = pairs.len();
         let batch = self.batch(pairs)?;
-        let reference: Vec<f64> = {
+        let reference = {
             let _switch = match self.reference {
                 Some(name) => self.lora.activated(name).map_err(other)?,
                 None => self.lora.disabled(),
@@ -190,16 +190,10 @@ impl Dpo<'_> {
             batch
                 .answer_logps(self.model)?
                 .detach()
-                .to_dtype(DType::F64)?
-                .to_vec1()?
+                .to_dtype(DType::F32)?
         };
         let policy = batch.answer_logps(self.model)?.to_dtype(DType::F32)?;
-        let reference_t = Tensor::from_vec(
-            reference.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-            2 * n,
-            policy.device(),
-        )?;
-        let rewards = ((&policy - &reference_t)? * self.beta)?;
+        let rewards = ((&policy - &reference)? * self.beta)?;
         let (chosen, rejected) = (rewards.narrow(0, 0, n)?, rewards.narrow(0, n, n)?);
         let loss = pairwise_ranking_loss(&chosen, &rejected).map_err(other)?;
         let rv: Vec<f64> = rewards.to_dtype(DType::F64)?.to_vec1()?;
@@ -316,16 +310,8 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
             .unwrap_or("the model without the trained adapter")
     );
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Rm, false)?;
-    eprintln!(
-        "data: {} pairs ({} prompts truncated, {} answers cut, {} dropped as over length)",
-        prepared.examples.len(),
-        prepared.stats.source_truncated,
-        prepared.stats.target_truncated,
-        prepared.stats.dropped_over_length
-    );
-    let (train_set, eval_set) =
-        split_dev(prepared.examples, args.dev_ratio, args.seed).map_err(other)?;
-    let lens: Vec<usize> = train_set.iter().map(|e| e.max_len()).collect();
+    super::report_data(&prepared, "pairs", "answers");
+    let (train_set, eval_set, lens) = super::split_train_eval(args, prepared.examples)?;
     let tcfg = super::trainer_config(args, &out)?;
     let (nt, ne) = (train_set.len(), eval_set.len());
     let pad_id = p.tokenizer.pad_id().or(p.tokenizer.eos_id()).unwrap_or(0);

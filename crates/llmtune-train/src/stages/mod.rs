@@ -240,6 +240,35 @@ pub fn prepare(
     llmtune_data::prepare(&da, tok, stage, predict).map_err(other)
 }
 
+/// The `data: ...` line of a training stage: how many `items` (examples, pairs) were kept,
+/// prompts truncated, `answers` cut and examples dropped.
+pub fn report_data(prepared: &llmtune_data::Prepared, items: &str, answers: &str) {
+    let st = &prepared.stats;
+    eprintln!(
+        "data: {} {items} ({} prompts truncated, {} {answers} cut, {} dropped as over length)",
+        prepared.examples.len(),
+        st.source_truncated,
+        st.target_truncated,
+        st.dropped_over_length
+    );
+}
+
+/// Holds out `--dev_ratio` of `examples` (shuffled by `--seed`): `(train, eval, lens)` with
+/// `lens[i]` the longest row of training example `i` (what `--estimate_memory` measures).
+pub fn split_train_eval(
+    args: &TrainArgs,
+    examples: Vec<llmtune_data::Example>,
+) -> Result<(
+    Vec<llmtune_data::Example>,
+    Vec<llmtune_data::Example>,
+    Vec<usize>,
+)> {
+    let (train, eval) =
+        llmtune_data::split_dev(examples, args.dev_ratio, args.seed).map_err(other)?;
+    let lens = train.iter().map(|e| e.max_len()).collect();
+    Ok((train, eval, lens))
+}
+
 /// The output folder, refusing to mix runs unless asked.
 pub fn output_dir(args: &TrainArgs, training: bool) -> Result<PathBuf> {
     let out = PathBuf::from(

@@ -27,7 +27,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use llmtune_adapters::value_head::{gather_last, last_token_index, VALUE_HEAD_NAME};
 use llmtune_adapters::{apply_checkpoints, pairwise_ranking_loss, Lora, ValueHead};
-use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
+use llmtune_data::{collate, CollateArgs, Example, Stage};
 use llmtune_models::{CausalLm, Pretrained};
 
 use crate::args::TrainArgs;
@@ -336,17 +336,9 @@ pub fn train_rm(args: &TrainArgs, device: &Device) -> Result<Option<TrainedRm>> 
         hidden + 1
     );
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Rm, false)?;
-    eprintln!(
-        "data: {} pairs ({} prompts truncated, {} answers cut, {} dropped as over length)",
-        prepared.examples.len(),
-        prepared.stats.source_truncated,
-        prepared.stats.target_truncated,
-        prepared.stats.dropped_over_length
-    );
+    super::report_data(&prepared, "pairs", "answers");
     report_identical(&prepared.examples);
-    let (train_set, eval_set) =
-        split_dev(prepared.examples, args.dev_ratio, args.seed).map_err(other)?;
-    let lens: Vec<usize> = train_set.iter().map(|e| e.max_len()).collect();
+    let (train_set, eval_set, lens) = super::split_train_eval(args, prepared.examples)?;
     let collate_args = CollateArgs::new(&p.tokenizer, true, false).map_err(other)?;
     let tcfg = super::trainer_config(args, &out)?;
     let (nt, ne) = (train_set.len(), eval_set.len());

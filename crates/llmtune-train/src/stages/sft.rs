@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use llmtune_adapters::{Lora, ModuleGroup};
-use llmtune_data::{collate, split_dev, CollateArgs, Example, Stage};
+use llmtune_data::{collate, CollateArgs, Example, Stage};
 use llmtune_models::CausalLm;
 
 use crate::args::{FinetuningType, TrainArgs};
@@ -246,16 +246,8 @@ pub fn run(args: &TrainArgs, device: &Device) -> Result<()> {
     };
     super::cpu_bf16(args, device, &mut p.model)?;
     let prepared = super::prepare(args, &p.tokenizer, template, Stage::Sft, false)?;
-    eprintln!(
-        "data: {} examples ({} prompts truncated, {} targets cut, {} dropped as over length)",
-        prepared.examples.len(),
-        prepared.stats.source_truncated,
-        prepared.stats.target_truncated,
-        prepared.stats.dropped_over_length
-    );
-    let (train_set, eval_set) =
-        split_dev(prepared.examples, args.dev_ratio, args.seed).map_err(other)?;
-    let lens: Vec<usize> = train_set.iter().map(|e| e.max_len()).collect();
+    super::report_data(&prepared, "examples", "targets");
+    let (train_set, eval_set, lens) = super::split_train_eval(args, prepared.examples)?;
     let collate_args =
         CollateArgs::new(&p.tokenizer, args.ignore_pad_token_for_loss, false).map_err(other)?;
     let tcfg = super::trainer_config(args, &out)?;
